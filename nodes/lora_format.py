@@ -1,0 +1,191 @@
+"""What a LoRA file is: its modules, network type, key style, ranks, base model and trigger words.
+
+This is pure inspection of the tensors and metadata; nothing here needs a model.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .lora_files import metadata_json
+
+# Every per-module suffix ComfyUI's weight adapters and diff patches read (comfy/weight_adapter/*,
+# comfy/lora.py:load_lora). Longest first, so that ".lora_B.default.weight" wins over ".weight"-less forms.
+MODULE_SUFFIXES: tuple[str, ...] = tuple(sorted((
+    ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight", "_lora.up.weight", "_lora.down.weight",
+    ".lora_B.weight", ".lora_A.weight", ".lora.up.weight", ".lora.down.weight", ".lora_B", ".lora_A",
+    ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", ".lora_B.default.weight",
+    ".lora_A.default.weight", ".reshape_weight", ".alpha", ".dora_scale",
+    ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2",
+    ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2",
+    ".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight", ".oft_blocks", ".rescale",
+    ".diff", ".diff_b", ".w_norm", ".b_norm", ".set_weight",
+), key=len, reverse=True))
+
+_UP_SUFFIXES = (".lora_up.weight", "_lora.up.weight", ".lora_B.weight", ".lora.up.weight", ".lora_B",
+                ".lora_linear_layer.up.weight", ".lora_B.default.weight")
+_DOWN_SUFFIXES = (".lora_down.weight", "_lora.down.weight", ".lora_A.weight", ".lora.down.weight", ".lora_A",
+                  ".lora_linear_layer.down.weight", ".lora_A.default.weight")
+
+TEXT_ENCODER_PREFIX = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|text_encoders\.|te\d?_|lora_te_text)")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"lora_unet_x.lora_up.weight"`` → ``("lora_unet_x", ".lora_up.weight")``; unknown suffix → ``(key, "")``."""
+    for suffix in MODULE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return key, ""
+
+
+def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a LoRA state dict by module prefix: ``{prefix: {suffix: tensor}}``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        prefix, suffix = split_key(key)
+        groups.setdefault(prefix, {})[suffix] = tensor
+    return groups
+
+
+def module_network_type(parts: dict[str, torch.Tensor]) -> str:
+    """Network type of one module from the suffixes it has (LyCORIS naming)."""
+    names = parts.keys()
+    if any(s.startswith(".hada_") for s in names):
+        kind = "LoHa"
+    elif any(s.startswith(".lokr_") for s in names):
+        kind = "LoKr"
+    elif ".oft_blocks" in names:
+        kind = "BOFT" if parts[".oft_blocks"].ndim == 4 else "OFT"
+    elif ".a1.weight" in names:
+        kind = "GLoRA"
+    elif any(s in names for s in _UP_SUFFIXES):
+        down = next((parts[s] for s in _DOWN_SUFFIXES if s in names), None)
+        kind = "LoCon" if (down is not None and down.ndim == 4) or ".lora_mid.weight" in names else "LoRA"
+    elif any(s in names for s in (".diff", ".w_norm", ".set_weight", ".diff_b", ".b_norm")):
+        kind = "full"
+    else:
+        kind = "unknown"
+    if ".dora_scale" in names:
+        kind = f"DoRA({kind})"
+    return kind
+
+
+def module_rank(parts: dict[str, torch.Tensor]) -> int | None:
+    for s in _DOWN_SUFFIXES:
+        if s in parts:
+            return int(parts[s].shape[0])
+    for s in (".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b"):
+        if s in parts:
+            return int(parts[s].shape[0])
+    return None
+
+
+def detect_key_style(keys: list[str]) -> str:
+    """Name the key convention a file uses (kohya, diffusers, PEFT, B-LoRA author files, ComfyUI generic…)."""
+    if any(k.startswith("unet.unet.") for k in keys):
+        return "B-LoRA (diffusers, doubled 'unet.unet.' prefix)"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "PEFT (base_model.model.*)"
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        sgm = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
+                  for k in keys)
+        return "kohya (sgm/ldm module names)" if sgm else "kohya (diffusers module names)"
+    if any(k.startswith("lycoris_") for k in keys):
+        return "LyCORIS / SimpleTuner (lycoris_*)"
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
+        peft = any(".lora_A" in k or ".lora_B" in k for k in keys)
+        return "diffusers/PEFT (lora_A/lora_B)" if peft else "diffusers (lora.down/lora.up)"
+    if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys):
+        return "ComfyUI generic (diffusion_model.*)"
+    return "unknown"
+
+
+def _first_matching_shape(tensors: dict[str, torch.Tensor], pattern: str, suffixes: tuple[str, ...]) -> int | None:
+    rx = re.compile(pattern)
+    for key, t in tensors.items():
+        prefix, suffix = split_key(key)
+        if suffix in suffixes and rx.search(prefix):
+            return int(t.reshape(t.shape[0], -1).shape[1])
+    return None
+
+
+def guess_base_model(tensors: dict[str, torch.Tensor]) -> str:
+    """Best guess of the base-model family from key names and cross-attention widths."""
+    keys = list(tensors)
+    joined = "\n".join(keys[:4000])
+    if re.search(r"double_blocks|single_blocks|single_transformer_blocks", joined):
+        return "Flux"
+    if "joint_blocks" in joined or "transformer.transformer_blocks" in joined and "context_block" in joined:
+        return "SD3"
+    if re.search(r"(lora_te2_|text_encoder_2\.|input_blocks_[78]|input_blocks\.[78]|conditioner)", joined):
+        return "SDXL"
+    # attn2.to_k reads the text context: 768 (SD1.x), 1024 (SD2.x), 2048 (SDXL).
+    ctx = _first_matching_shape(tensors, r"attn2[._]to_k$", _DOWN_SUFFIXES + (".hada_w1_b",))
+    if ctx is not None:
+        return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"unknown (cross-attention width {ctx})")
+    if re.search(r"lora_unet_|down_blocks|input_blocks|lora_te_", joined):
+        return "SD1.x/SD2.x (UNet)"
+    return "unknown"
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 12) -> list[str]:
+    """Most frequent training tags (kohya ``ss_tag_frequency``) plus explicit trigger fields if present."""
+    words: list[str] = []
+    for field_name in ("modelspec.trigger_phrase", "ss_trigger_words", "trigger_words"):
+        value = metadata.get(field_name)
+        if value:
+            words.extend(w.strip() for w in value.split(",") if w.strip())
+    freq = metadata_json(metadata, "ss_tag_frequency")
+    if isinstance(freq, dict):
+        counts: Counter[str] = Counter()
+        for per_dir in freq.values():
+            if isinstance(per_dir, dict):
+                for tag, n in per_dir.items():
+                    if isinstance(n, (int, float)):
+                        counts[tag.strip()] += int(n)
+        words.extend(tag for tag, _ in counts.most_common(limit) if tag)
+    seen: set[str] = set()
+    return [w for w in words if not (w in seen or seen.add(w))][:limit]
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    network_types: dict[str, int]
+    key_style: str
+    ranks: list[int]
+    alphas: list[float]
+    base_model: str
+    triggers: list[str]
+    module_count: int
+    text_encoder_modules: int
+
+    def describe(self) -> str:
+        types = ", ".join(f"{k}×{v}" for k, v in sorted(self.network_types.items()))
+        ranks = _span(self.ranks)
+        alphas = _span(self.alphas)
+        triggers = ", ".join(self.triggers) if self.triggers else "none found"
+        return (f"type {types}; key style {self.key_style}; rank {ranks}; alpha {alphas}; "
+                f"base model {self.base_model}; modules {self.module_count} "
+                f"({self.text_encoder_modules} text encoder); trigger words: {triggers}")
+
+
+def _span(values: list) -> str:
+    if not values:
+        return "n/a"
+    lo, hi = min(values), max(values)
+    fmt = (lambda v: f"{v:g}")
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def summarize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraSummary:
+    groups = group_modules(tensors)
+    types = Counter(module_network_type(p) for p in groups.values())
+    ranks = sorted({r for p in groups.values() if (r := module_rank(p)) is not None})
+    alphas = sorted({float(p[".alpha"].float().item()) for p in groups.values() if ".alpha" in p})
+    te = sum(1 for prefix in groups if TEXT_ENCODER_PREFIX.match(prefix))
+    return LoraSummary(network_types=dict(types), key_style=detect_key_style(list(tensors)), ranks=ranks,
+                       alphas=alphas, base_model=guess_base_model(tensors), triggers=trigger_words(metadata),
+                       module_count=len(groups), text_encoder_modules=te)

@@ -1,0 +1,176 @@
+"""Static application of a LORA_SET to a MODEL (+ CLIP): the paper's "LoRA Merge".
+
+Each entry becomes ComfyUI weight-adapter patches (``comfy.lora.load_lora``, the code users' files
+are tested against) added to one clone with ``add_patches(patches, strength)``. That is exactly what
+a chain of core ``LoraLoader`` nodes does, so the patched weights are bit-identical to it.
+What we add on top: key styles core lacks (``lora_keys``), block weights, shape checks before
+anything is patched, and an honest report of matched and unmatched keys.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import comfy.lora
+import torch
+
+from .lora_blocks import check_blocks_exist
+from .lora_format import TEXT_ENCODER_PREFIX, group_modules, guess_base_model
+from .lora_keys import build_key_map, normalize_keys
+from .lora_set import LoraEntry, LoraSet, require_nonempty
+
+log = logging.getLogger("LoRA Composer")
+
+UNMATCHED_SHOWN = 10
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA does not fit the connected model (other architecture, or nothing matched)."""
+
+
+@dataclass
+class EntryPatches:
+    """One entry's patches, split by target, with what did not match."""
+
+    name: str
+    model: dict = field(default_factory=dict)  # model key → adapter/tuple patch
+    clip: dict = field(default_factory=dict)
+    total_modules: int = 0
+    unmatched: list[str] = field(default_factory=list)  # module prefixes nothing accepted
+    text_encoder_ignored: int = 0  # text-encoder modules while no CLIP is connected
+
+    def describe(self) -> str:
+        line = (f"{self.name}: {len(self.model)} model + {len(self.clip)} CLIP weights patched from "
+                f"{self.total_modules} modules; {len(self.unmatched)} unmatched")
+        if self.text_encoder_ignored:
+            line += f"; {self.text_encoder_ignored} text-encoder modules ignored (no CLIP connected)"
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:UNMATCHED_SHOWN])
+            line += f" ({shown}{' …' if len(self.unmatched) > UNMATCHED_SHOWN else ''})"
+        return line
+
+
+def model_family(model_patcher) -> str:
+    return type(model_patcher.model.model_config).__name__ if model_patcher is not None else "none"
+
+
+def _target_name(target) -> str:
+    return target if isinstance(target, str) else target[0]
+
+
+def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
+    """Cheap shape check for the low-rank families; other patch types are trusted to core."""
+    name = getattr(patch, "name", None)
+    try:
+        if name == "lora":
+            up, down, _alpha, mid = patch.weights[:4]
+            reshape = patch.weights[5] if len(patch.weights) > 5 else None
+            if reshape is not None:
+                return True
+            inner = down.flatten(1).shape[1] if mid is None else down.shape[1] * mid[0, 0].numel()
+            return up.shape[0] == weight_shape[0] and up.shape[0] * inner == weight_shape.numel()
+        if name == "loha":
+            w1a, w1b, _alpha, _w2a, _w2b, t1 = patch.weights[:6]
+            if t1 is not None:
+                return w1a.shape[1] == weight_shape[0]
+            return w1a.shape[0] == weight_shape[0] and w1a.shape[0] * w1b.shape[1] == weight_shape.numel()
+    except (AttributeError, IndexError, TypeError):
+        return True
+    if isinstance(patch, tuple) and patch and patch[0] == "diff":
+        return tuple(patch[1][0].shape) == tuple(weight_shape)
+    return True
+
+
+def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict | None,
+                  family: str) -> EntryPatches:
+    """Turn one entry into patches for the model and CLIP, checking names and shapes first."""
+    tensors = normalize_keys(entry.tensors())
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    result = EntryPatches(name=entry.name)
+    groups = group_modules(tensors)
+    result.total_modules = len(groups)
+    mismatched: list[str] = []
+    for target, patch in patches.items():
+        key = _target_name(target)
+        if key in model_sd:
+            if not _delta_shape_fits(patch, model_sd[key].shape):
+                mismatched.append(key)
+            result.model[target] = patch
+        elif clip_sd is not None and key in clip_sd:
+            if not _delta_shape_fits(patch, clip_sd[key].shape):
+                mismatched.append(key)
+            result.clip[target] = patch
+    accepted = {_target_name(t) for t in (*result.model, *result.clip)}
+    for prefix in groups:
+        target = key_map.get(prefix)
+        if target is not None and _target_name(target) in accepted:
+            continue
+        if clip_sd is None and TEXT_ENCODER_PREFIX.match(prefix):
+            result.text_encoder_ignored += 1
+        else:
+            result.unmatched.append(prefix)
+    guess = guess_base_model(tensors)
+    if mismatched:
+        raise LoraMismatchError(
+            f"{entry.name}: {len(mismatched)} of its layers do not fit the connected {family} model "
+            f"(e.g. {mismatched[0]}); the file looks made for {guess}. Nothing was applied.")
+    if not result.model and not result.clip and result.unmatched:
+        shown = ", ".join(result.unmatched[:5])
+        raise LoraMismatchError(
+            f"{entry.name}: none of its {len(result.unmatched)} modules match the connected {family} model "
+            f"(the file looks made for {guess}; first keys: {shown}). Nothing was applied.")
+    return result
+
+
+def _state_dicts(model_patcher, clip) -> tuple[dict, dict | None]:
+    model_sd = model_patcher.model.state_dict() if model_patcher is not None else {}
+    clip_sd = clip.cond_stage_model.state_dict() if clip is not None else None
+    return model_sd, clip_sd
+
+
+def resolve_set(model_patcher, clip, lora_set: LoraSet) -> list[tuple[LoraEntry, EntryPatches]]:
+    """Resolve every entry of a set against one model (and CLIP); raises before anything is patched."""
+    require_nonempty(lora_set)
+    key_map = build_key_map(model_patcher, clip)
+    model_sd, clip_sd = _state_dicts(model_patcher, clip)
+    family = model_family(model_patcher)
+    resolved = []
+    for entry in lora_set:
+        if entry.blocks is not None and entry.blocks.rules and model_patcher is not None:
+            check_blocks_exist(entry.blocks, model_sd.keys(), entry.name)
+        resolved.append((entry, resolve_entry(entry, key_map, model_sd, clip_sd, family)))
+    return resolved
+
+
+def group_by_block_weight(entry: LoraEntry, patches: dict) -> dict[float, dict]:
+    """Split model patches by the entry's block weight (1.0 for all when there is no filter)."""
+    if entry.blocks is None:
+        return {1.0: patches}
+    groups: dict[float, dict] = {}
+    for target, patch in patches.items():
+        groups.setdefault(entry.blocks.weight_for(_target_name(target)), {})[target] = patch
+    return groups
+
+
+def apply_lora_set(model_patcher, clip, lora_set: LoraSet):
+    """Return ``(model, clip, report_lines)`` with every entry's patches added to fresh clones."""
+    resolved = resolve_set(model_patcher, clip, lora_set)
+    new_model = model_patcher.clone() if model_patcher is not None else None
+    new_clip = clip.clone() if clip is not None else None
+    lines = []
+    for entry, patches in resolved:
+        if new_model is not None and entry.strength_model != 0:
+            for weight, group in group_by_block_weight(entry, patches.model).items():
+                if weight != 0:
+                    new_model.add_patches(group, entry.strength_model * weight)
+        if new_clip is not None and entry.strength_clip != 0 and patches.clip:
+            new_clip.add_patches(patches.clip, entry.strength_clip)
+        line = patches.describe()
+        if entry.blocks is not None:
+            line += f"; blocks {entry.blocks.describe()}"
+        if patches.unmatched:
+            log.warning("[LoRA Composer] %s; all unmatched: %s", line, ", ".join(patches.unmatched))
+        else:
+            log.info("[LoRA Composer] %s", line)
+        lines.append(line)
+    return new_model, new_clip, lines

@@ -1,0 +1,2 @@
+"""Node classes (thin UI layer). Importing this package registers every node."""
+from . import apply, loading, merge  # noqa: F401

@@ -1,0 +1,85 @@
+"""Tiny SD1.5- and SDXL-shaped models (and a tiny CLIP) built in memory with initialised weights.
+
+Real ``comfy.supported_models`` classes and real ``ModelPatcher``s; only the sizes are small, so
+state-dict keys look exactly like the real ones (``diffusion_model.input_blocks.1.1.…``).
+"""
+from __future__ import annotations
+
+import torch
+
+SD15_TINY = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+             "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+             "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1, "context_dim": 64,
+             "use_linear_in_transformer": False, "use_spatial_transformer": True, "legacy": False,
+             "adm_in_channels": None, "use_temporal_attention": False, "use_temporal_resblock": False,
+             "use_checkpoint": False}
+
+# SDXL layout: 3 levels, 2 res blocks each, no attention at the first level, linear proj_in/out,
+# attention in output_blocks 0–5 (so B-LoRA's output_blocks.0.1 / 1.1 exist).
+SDXL_TINY = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+             "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1],
+             "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1], "transformer_depth_middle": 1,
+             "context_dim": 64, "use_linear_in_transformer": True, "use_spatial_transformer": True,
+             "legacy": False, "num_head_channels": 16, "adm_in_channels": 64 + 6 * 256,
+             "use_temporal_attention": False, "use_temporal_resblock": False, "use_checkpoint": False}
+
+
+def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """comfy.ops layers are created uninitialised (reset_parameters is a no-op): fill them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight") or ".norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | None = None):
+    """A ModelPatcher over a tiny ``BaseModel`` of the given family (``sd15`` or ``sdxl``)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = dict(SD15_TINY if family == "sd15" else SDXL_TINY)
+    config.update(config_overrides or {})
+    config["dtype"] = torch.float32
+    model_config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_sd15_clip(seed: int = 1):
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    clip = comfy.sd.CLIP(
+        target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+        model_options={"clip_l_model_config": {"hidden_size": 64, "intermediate_size": 128,
+                                               "num_attention_heads": 2, "num_hidden_layers": 2,
+                                               "projection_dim": 64}})
+    init_weights_(clip.cond_stage_model, seed, scale=0.02)
+    return clip
+
+
+def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def patched_weights(patcher) -> dict[str, torch.Tensor]:
+    """Load a ModelPatcher the way sampling does (``load_models_gpu``), copy its weights, unload.
+
+    Going through model management matters: clones share one module, and only ``load_models_gpu``
+    unpatches whichever clone was loaded before (a bare ``patch_model`` skips modules marked patched).
+    """
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return weights_snapshot(patcher.model)
+    finally:
+        mm.unload_all_models()
