@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Benchmark: LoRA Composer's ``LoraSetLoad ×k → LoraSetApply`` against core ``LoraLoaderModelOnly ×k``.
+
+Usage::
+
+    python bench/bench_apply.py [--repeats N] [--quick] [--no-memory] [--profile]
+
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU):
+
+* A mid-size SD1.5-shaped UNet (≈ 314 M parameters; ``--quick``: ≈ 10 M) and 4 kohya LoRA files
+  (ranks 16, 64, 16, 64) on every attention projection, ``proj_in``/``proj_out`` and feed-forward
+  layer of the model, written into the harness's ``loras`` folder.
+* One *run* of a method = build the patched MODEL with the nodes, then
+  ``comfy.model_management.load_models_gpu([model], force_full_load=True)`` (this is where ComfyUI
+  computes the patched weights), then ``unload_all_models()`` (weights restored).
+
+  - ours: ``LoraSetLoad`` ×k → ``LoraSetApply`` (model only, no CLIP);
+  - core: ``LoraLoaderModelOnly`` ×k (model only).
+
+* Variants: **cold** — our file cache is cleared (``nodes.lora_files.clear_cache``) and core's
+  ``LoraLoaderModelOnly`` instances are new, so both read the files; **warm** — our cache is kept and
+  core's node instances are kept (ComfyUI keeps node objects between prompts, so a re-queue with a
+  changed strength reuses ``LoraLoader.loaded_lora``). The OS page cache is warm for everyone.
+* k = 1 (the first file, rank 16) and k = 4. One warm-up round, then ``--repeats`` rounds (default 5);
+  within a round every (variant, k) pair runs both methods back to back, in ABBA order across
+  rounds (ours→core, then core→ours), so slow drift cancels. Medians are reported; the headline is
+  the ratio ours/core (target from the issue: ≤ 1.10).
+* Peak memory: for k = 1 and 4, each method runs once (cold) in a fresh child process of this script
+  (``--child``). After the child has started ComfyUI and built the model, it resets the kernel's
+  peak-RSS counter (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after the run: the reported
+  number is peak RSS minus RSS just before the run. Where ``clear_refs`` is not writable, it falls
+  back to ``ru_maxrss`` of the method child minus ``ru_maxrss`` of a child that only builds the model.
+
+``--profile`` additionally prints a cProfile (cumulative time) of one cold k=4 run of each method.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
+
+from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
+
+# SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels, conv proj_in/out), only
+# narrower. comfy's UNetModel pops one transformer_depth entry per input res block
+# (sum(num_res_blocks) = 8) and one transformer_depth_output entry per output block, from the end
+# (sum(num_res_blocks + 1) = 12), exactly like the real SD1.5 config.
+SD15_LAYOUT = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               "transformer_depth_middle": 1, "context_dim": 768, "image_size": 64}
+MODEL_CHANNELS = {"default": 192, "quick": 32}
+LORA_RANKS = (16, 64, 16, 64)
+TARGET_MARKERS = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn1.to_out.0.",
+                  ".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0.",
+                  ".proj_in.", ".proj_out.", ".ff.net.0.proj.", ".ff.net.2.")
+KS = (1, 4)
+TARGET_RATIO = 1.10
+
+
+def model_config(quick: bool) -> dict:
+    return dict(SD15_LAYOUT, model_channels=MODEL_CHANNELS["quick" if quick else "default"])
+
+
+def lora_names() -> list[str]:
+    return [f"bench_{i}_r{r}.safetensors" for i, r in enumerate(LORA_RANKS)]
+
+
+def lora_targets(model_sd: dict) -> list[str]:
+    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
+            and any(m in k for m in TARGET_MARKERS)]
+
+
+def write_loras(model_sd: dict, loras_dir: Path) -> list[str]:
+    targets = lora_targets(model_sd)
+    for i, (name, rank) in enumerate(zip(lora_names(), LORA_RANKS)):
+        lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=rank, alpha=rank / 2, seed=i)
+        lora.save(loras_dir / name)
+    return targets
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+class Runner:
+    """The two methods, each one full run: nodes → load_models_gpu → unload_all_models."""
+
+    def __init__(self, env, model):
+        import comfy.model_management as mm
+        import nodes
+
+        self.mm = mm
+        self.model = model
+        self.lora_files = env.engine("nodes.lora_files")
+        self.set_load = nodes.NODE_CLASS_MAPPINGS["LoraSetLoad"]
+        self.set_apply = nodes.NODE_CLASS_MAPPINGS["LoraSetApply"]
+        self.core_cls = nodes.NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]
+        self.core_warm_nodes = [self.core_cls() for _ in lora_names()]  # kept between runs (warm)
+        self.names = lora_names()
+
+    def _load_and_unload(self, patched) -> None:
+        self.mm.load_models_gpu([patched], force_full_load=True)
+        self.mm.unload_all_models()
+
+    def ours(self, k: int, cold: bool) -> tuple[float, float]:
+        """(seconds in the nodes, seconds in load_models_gpu + unload)."""
+        if cold:
+            self.lora_files.clear_cache()
+        t0 = time.perf_counter()
+        lora_set = None
+        for name in self.names[:k]:
+            lora_set = self.set_load().load(lora_name=name, strength_model=1.0, strength_clip=1.0,
+                                            lora_set=lora_set)[0]
+        patched = self.set_apply().apply(model=self.model, lora_set=lora_set)[0]
+        t1 = time.perf_counter()
+        self._load_and_unload(patched)
+        t2 = time.perf_counter()
+        del patched, lora_set
+        return t1 - t0, t2 - t1
+
+    def core(self, k: int, cold: bool) -> tuple[float, float]:
+        loaders = [self.core_cls() for _ in range(k)] if cold else self.core_warm_nodes[:k]
+        t0 = time.perf_counter()
+        patched = self.model
+        for loader, name in zip(loaders, self.names[:k]):
+            patched = loader.load_lora_model_only(model=patched, lora_name=name, strength_model=1.0)[0]
+        t1 = time.perf_counter()
+        self._load_and_unload(patched)
+        t2 = time.perf_counter()
+        del patched, loaders
+        return t1 - t0, t2 - t1
+
+    def run(self, method: str, k: int, cold: bool) -> tuple[float, float]:
+        gc.collect()
+        return getattr(self, method)(k, cold)
+
+
+def check_identical(runner: Runner, k: int) -> None:
+    """Sanity: both methods give bit-identical patched weights (otherwise the timing means nothing)."""
+    import comfy.model_management as mm
+
+    runner.lora_files.clear_cache()
+    lora_set = None
+    for name in runner.names[:k]:
+        lora_set = runner.set_load().load(lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=lora_set)[0]
+    ours = tiny_models.patched_weights(runner.set_apply().apply(model=runner.model, lora_set=lora_set)[0])
+    core = runner.model
+    for name in runner.names[:k]:
+        core = runner.core_cls().load_lora_model_only(model=core, lora_name=name, strength_model=1.0)[0]
+    theirs = tiny_models.patched_weights(core)
+    base = tiny_models.weights_snapshot(runner.model.model)
+    mm.unload_all_models()
+    changed = sum(not ours[key].equal(base[key]) for key in base)
+    differing = [key for key in base if not ours[key].equal(theirs[key])]
+    if differing or changed == 0:
+        raise SystemExit(f"k={k}: ours and core differ on {len(differing)} weights (changed: {changed}); aborting.")
+    print(f"check k={k}: {changed} weights patched, bit-identical to core")
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+def _proc_status(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_main(args) -> None:
+    """One measured run in a fresh process; prints one JSON line."""
+    env = comfy_env.start(models_dir=Path(args.models_dir))
+    model = tiny_models.build_unet("sd15", config_overrides=model_config(args.quick))
+    runner = Runner(env, model)
+    gc.collect()
+    rss_before = _proc_status("VmRSS")
+    resettable = _reset_peak_rss()
+    if args.child != "baseline":
+        runner.run(args.child, args.k, cold=True)
+    result = {"rss_before": rss_before, "resettable": resettable,
+              "hwm": _proc_status("VmHWM") if resettable else None,
+              "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print("CHILD_RESULT " + json.dumps(result), flush=True)
+
+
+def spawn_child(method: str, k: int, models_dir: Path, quick: bool) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--k", str(k),
+           "--models-dir", str(models_dir)] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    for line in out.stdout.splitlines():
+        if line.startswith("CHILD_RESULT "):
+            return json.loads(line[len("CHILD_RESULT "):])
+    raise RuntimeError(f"child {method} k={k} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+
+
+def measure_memory(models_dir: Path, quick: bool) -> dict[tuple[str, int], int]:
+    """Peak RSS growth in bytes per (method, k), each from a fresh child process."""
+    growth: dict[tuple[str, int], int] = {}
+    baseline = None
+    for k in KS:
+        for method in ("ours", "core"):
+            r = spawn_child(method, k, models_dir, quick)
+            if r["resettable"]:
+                growth[(method, k)] = r["hwm"] - r["rss_before"]
+            else:
+                if baseline is None:
+                    baseline = spawn_child("baseline", 0, models_dir, quick)["ru_maxrss"]
+                growth[(method, k)] = r["ru_maxrss"] - baseline
+    return growth
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def profile_runs(runner: Runner, k: int = 4) -> None:
+    import cProfile
+    import pstats
+
+    for method in ("ours", "core"):
+        prof = cProfile.Profile()
+        gc.collect()
+        prof.enable()
+        getattr(runner, method)(k, True)
+        prof.disable()
+        print(f"\n=== cProfile, {method}, cold, k={k} (top 25 by cumulative time) ===")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
+def fmt_row(cells, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=None, help="measured rounds (default 5; --quick: 3)")
+    p.add_argument("--quick", action="store_true", help="≈10 M-parameter model, 3 repeats (smoke test)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--profile", action="store_true", help="also cProfile one cold k=4 run of each method")
+    p.add_argument("--child", choices=("ours", "core", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    repeats = args.repeats or (3 if args.quick else 5)
+
+    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-"))
+    models_dir = work / "models"
+    t_start = time.perf_counter()
+    env = comfy_env.start(models_dir=models_dir)
+    import torch
+
+    print(f"ComfyUI: {env.describe()}")
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs")
+    config = model_config(args.quick)
+    model = tiny_models.build_unet("sd15", config_overrides=config)
+    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
+    model_sd = model.model.state_dict()
+    targets = write_loras(model_sd, models_dir / "loras")
+    del model_sd
+    target_params = sum(model.model.state_dict()[k].numel() for k in targets)
+    sizes = [(models_dir / "loras" / n).stat().st_size for n in lora_names()]
+    print(f"model: SD1.5-shaped UNet, model_channels {config['model_channels']}, {n_params / 1e6:.1f} M parameters; "
+          f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters)")
+    print("LoRA files: " + ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in zip(lora_names(), sizes)))
+    print(f"k=1 uses {lora_names()[0]}; k=4 uses all four")
+
+    runner = Runner(env, model)
+    for k in KS:
+        check_identical(runner, k)
+
+    variants = [(cold, k) for cold in (True, False) for k in KS]
+    times: dict[tuple[str, bool, int], list[tuple[float, float]]] = {}
+    for rnd in range(repeats + 1):  # round 0 is the warm-up
+        order = ("ours", "core") if rnd % 2 == 0 else ("core", "ours")
+        for cold, k in variants:
+            for method in order:
+                t = runner.run(method, k, cold)
+                if rnd > 0:
+                    times.setdefault((method, cold, k), []).append(t)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)")
+    print(f"{repeats} measured rounds done ({time.perf_counter() - t_start:.0f} s since start)")
+
+    memory = {} if args.no_memory else measure_memory(models_dir, args.quick)
+
+    med = {key: (statistics.median(a + b for a, b in v), statistics.median(a for a, _ in v),
+                 statistics.median(b for _, b in v)) for key, v in times.items()}
+    print()
+    print(f"Results: median of {repeats} rounds (after 1 warm-up), seconds; "
+          f"nodes = building the patched MODEL, load = load_models_gpu + unload_all_models")
+    widths = (13, 9, 9, 9, 9, 9, 9, 12)
+    print(fmt_row(("variant", "ours", "(nodes", "load)", "core", "(nodes", "load)", "ours/core"), widths))
+    ratios = {}
+    for cold, k in variants:
+        o, c = med[("ours", cold, k)], med[("core", cold, k)]
+        ratio = o[0] / c[0]
+        ratios[(cold, k)] = ratio
+        print(fmt_row((f"{'cold' if cold else 'warm'} k={k}", f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[2]:.3f}",
+                       f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[2]:.3f}", f"{ratio:.3f}"), widths))
+    if memory:
+        print()
+        print("Peak RSS growth of one cold run in a fresh process (MiB)")
+        mwidths = (13, 9, 9, 12)
+        print(fmt_row(("variant", "ours", "core", "ours/core"), mwidths))
+        for k in KS:
+            o, c = memory[("ours", k)], memory[("core", k)]
+            print(fmt_row((f"cold k={k}", f"{o / 2**20:.1f}", f"{c / 2**20:.1f}",
+                           f"{o / c:.3f}" if c > 0 else "n/a"), mwidths))
+    worst = max(ratios.values())
+    print()
+    print(f"headline: worst time ratio ours/core = {worst:.3f} (target ≤ {TARGET_RATIO:.2f}): "
+          f"{'OK' if worst <= TARGET_RATIO else 'OVER TARGET'}")
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    if args.profile:
+        profile_runs(runner)
+
+
+if __name__ == "__main__":
+    main()

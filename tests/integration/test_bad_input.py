@@ -1,0 +1,130 @@
+"""Bad input gives a clear error that names the input and the file, and leaves the model untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node
+from harness.tiny_models import build_unet, weights_snapshot
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_unet("sd15", seed=31)
+
+
+@pytest.fixture
+def untouched(model):
+    before = weights_snapshot(model.model)
+    patches_before = dict(model.patches)
+    yield
+    after = model.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), "base weights changed"
+    assert dict(model.patches) == patches_before, "the input ModelPatcher gained patches"
+
+
+def _loras(env):
+    return env.models_dir / "loras"
+
+
+def test_corrupt_file(env, model, untouched):
+    (_loras(env) / "corrupt.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(ValueError, match=r"corrupt\.safetensors: not a readable safetensors file"):
+        call_node("LoraSetLoad", lora_name="corrupt.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
+def test_truncated_file(env, model, untouched):
+    sd = model.model.state_dict()
+    good = _loras(env) / "good_for_truncation.safetensors"
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=1).save(good)
+    data = good.read_bytes()
+    (_loras(env) / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors: not a readable safetensors file, corrupt or truncated"):
+        call_node("LoraSetLoad", lora_name="truncated.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".ckpt"])
+def test_pickle_files_are_refused_unread(env, model, untouched, suffix):
+    path = _loras(env) / f"evil{suffix}"
+    path.write_bytes(b"this would be unpickled by torch.load")
+    with pytest.raises(ValueError, match="never loaded.*unpickling can run arbitrary code"):
+        call_node("LoraSetLoad", lora_name=path.name, strength_model=1.0, strength_clip=1.0)
+
+
+def test_lora_for_another_architecture(env, model, untouched):
+    sdxl = build_unet("sdxl", seed=1)
+    xsd = sdxl.model.state_dict()
+    targets = [k for k in xsd if (".input_blocks.7.1." in k or ".input_blocks.8.1." in k) and k.endswith("to_k.weight")]
+    lf.make_lora(xsd, targets, "kohya", seed=2).save(_loras(env) / "made_for_sdxl.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="made_for_sdxl.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"made_for_sdxl\.safetensors: .*none of its 4 modules match the connected SD15 model .*looks made for SDXL"):
+        call_node("LoraSetApply", model=model, lora_set=s)
+
+
+def test_same_names_other_shapes_are_refused(env, model, untouched):
+    """A LoRA whose keys exist in the model but whose shapes do not (another model size)."""
+    other = build_unet("sd15", seed=1, config_overrides={"model_channels": 64})
+    osd = other.model.state_dict()
+    lf.make_lora(osd, lf.pick_targets(osd), "kohya", seed=3).save(_loras(env) / "other_width.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="other_width.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"other_width\.safetensors: \d+ of its layers do not fit"):
+        call_node("LoraSetApply", model=model, lora_set=s)
+
+
+def test_nan_tensors(env, model, untouched):
+    sd = model.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=4)
+    first = next(iter(lora.tensors))
+    lora.tensors[first] = lora.tensors[first].clone()
+    lora.tensors[first][0] = float("nan")
+    lora.save(_loras(env) / "has_nan.safetensors")
+    with pytest.raises(ValueError, match=r"has_nan\.safetensors: 1 tensor\(s\) contain NaN or Inf"):
+        call_node("LoraSetLoad", lora_name="has_nan.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
+def test_empty_file(env, model, untouched):
+    save_file({}, str(_loras(env) / "empty.safetensors"))
+    with pytest.raises(ValueError, match="holds no tensors"):
+        call_node("LoraSetLoad", lora_name="empty.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
+def test_empty_set(env, model, untouched):
+    pack_set = env.engine("nodes.lora_set")
+    with pytest.raises(ValueError, match="lora_set is empty"):
+        call_node("LoraSetApply", model=model, lora_set=pack_set.LoraSet())
+    with pytest.raises(ValueError, match="lora_stack is empty"):
+        call_node("LoraSetFromStack", lora_stack=[("None", 1.0, 1.0)])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e6])
+def test_strength_out_of_range(env, model, untouched, value):
+    sd = model.model.state_dict()
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=5).save(_loras(env) / "strength.safetensors")
+    with pytest.raises(ValueError, match="strength_model must be a finite number"):
+        call_node("LoraSetLoad", lora_name="strength.safetensors", strength_model=value, strength_clip=1.0)
+
+
+def test_duplicate_entries(env, model, untouched):
+    sd = model.model.state_dict()
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=6).save(_loras(env) / "dup.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="dup.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"already contains 'dup\.safetensors'"):
+        call_node("LoraSetLoad", lora_name="dup.safetensors", strength_model=0.5, strength_clip=1.0, lora_set=s)
+
+
+def test_missing_file(env, model, untouched):
+    with pytest.raises(Exception, match="not_there"):
+        call_node("LoraSetLoad", lora_name="not_there.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
+def test_partly_unmatched_keys_are_reported(env, model, untouched):
+    sd = model.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=7)
+    lora.tensors["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
+    lora.tensors["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(4, 2)
+    lora.save(_loras(env) / "partly.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="partly.safetensors", strength_model=1.0, strength_clip=1.0)
+    _, _, report = call_node("LoraSetApply", model=model, lora_set=s)
+    assert "1 unmatched (lora_unet_no_such_layer)" in report

@@ -1,0 +1,62 @@
+"""LoraSetInfo summaries and LORA_STACK conversion."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node
+from harness.tiny_models import build_sd15_clip, build_unet
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_unet("sd15", seed=41)
+
+
+def test_info_describes_type_rank_base_and_triggers(env, model):
+    sd = model.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn", "conv3")), "kohya", rank=4, alpha=2.0, seed=1)
+    lora.metadata = {"ss_tag_frequency": json.dumps({"10_sks": {"sks dog": 12, "grass": 3}}),
+                     "ss_network_module": "networks.lora"}
+    lora.save(env.models_dir / "loras" / "info_a.safetensors")
+    lf.make_loha(sd, lf.pick_targets(sd, ("attn",)), seed=2).save(env.models_dir / "loras" / "info_b.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="info_a.safetensors", strength_model=0.8, strength_clip=1.0)
+    (s,) = call_node("LoraSetLoad", lora_name="info_b.safetensors", strength_model=1.0, strength_clip=1.0, lora_set=s)
+    (text,) = call_node("LoraSetInfo", lora_set=s)
+    assert "info_a.safetensors (model 0.8, clip 1)" in text
+    assert "LoCon×1" in text and "LoRA×" in text and "rank 4" in text and "alpha 2" in text
+    assert "trigger words: sks dog, grass" in text and "kohya (sgm/ldm module names)" in text
+    assert "LoHa×" in text
+    (text,) = call_node("LoraSetInfo", lora_set=s, model=model, clip=build_sd15_clip())
+    assert text.count("0 unmatched") == 2
+
+
+def test_stack_round_trip(env, model):
+    sd = model.model.state_dict()
+    for i in range(2):
+        lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=10 + i).save(env.models_dir / "loras" / f"stk_{i}.safetensors")
+    stack = [("stk_0.safetensors", 0.7, 0.2), ("None", 1.0, 1.0), ("stk_1.safetensors", -0.3, 1.0)]
+    (s,) = call_node("LoraSetFromStack", lora_stack=stack)
+    assert [(e.name, e.strength_model, e.strength_clip) for e in s] == [
+        ("stk_0.safetensors", 0.7, 0.2), ("stk_1.safetensors", -0.3, 1.0)]
+    (back,) = call_node("LoraSetToStack", lora_set=s)
+    assert back == [("stk_0.safetensors", 0.7, 0.2), ("stk_1.safetensors", -0.3, 1.0)]
+
+
+def test_stack_rejects_malformed_items(env):
+    with pytest.raises(ValueError, match="lora_stack item 0"):
+        call_node("LoraSetFromStack", lora_stack=[("only-a-name",)])
+
+
+def test_to_stack_refuses_in_memory_and_block_weighted_entries(env, model):
+    sd = model.model.state_dict()
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=13).save(env.models_dir / "loras" / "stk_b.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="stk_b.safetensors", strength_model=1.0, strength_clip=1.0)
+    (blocked,) = call_node("LoraSetBlocks", lora_set=s, preset="input", block_weights="", apply_to="last entry")
+    with pytest.raises(ValueError, match="cannot carry them"):
+        call_node("LoraSetToStack", lora_set=blocked)
+    merged, _ = call_node("LoraSetMerge", model=model, lora_set=s, method="linear", rank=4, density=0.5, seed=0)
+    with pytest.raises(ValueError, match="lives in memory"):
+        call_node("LoraSetToStack", lora_set=merged)

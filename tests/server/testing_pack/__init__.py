@@ -1,0 +1,61 @@
+"""Test-only ComfyUI pack for tests/server: a weight-free model loader and a latent statistics output.
+
+tests/server/test_server.py links this folder into the test server's ``custom_nodes`` as
+``lora_composer_testing``. The models come from tests/harness/tiny_models.py (imported by path, so the
+same seeded weights and state-dict keys as the in-process tests), which needs no downloaded file.
+"""
+import hashlib
+import importlib.util
+from pathlib import Path
+
+_TINY_MODELS = Path(__file__).resolve().parents[2] / "harness" / "tiny_models.py"
+
+
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location("lora_composer_testing_tiny_models", _TINY_MODELS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TinySD15:
+    """A tiny SD1.5-shaped UNet (seed 0) and a tiny SD1 CLIP (seed 1), built in memory."""
+
+    DESCRIPTION = "Tiny SD1.5 UNet and CLIP with deterministic weights (tests only)."
+    CATEGORY = "_for_testing/lora_composer"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        tiny = _tiny_models()
+        return (tiny.build_unet("sd15", seed=0), tiny.build_sd15_clip(seed=1))
+
+
+class LatentStats:
+    """Output node: mean, std, min, max and a SHA-256 of the latent's float32 bytes (for bitwise checks)."""
+
+    DESCRIPTION = "Reports statistics of a LATENT in the prompt's history (tests only)."
+    CATEGORY = "_for_testing/lora_composer"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "stats"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    def stats(self, samples):
+        x = samples["samples"].float().contiguous()
+        digest = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()
+        stats = {"mean": x.mean().item(), "std": x.std().item(), "min": x.min().item(), "max": x.max().item(),
+                 "shape": list(x.shape), "sha256": digest}
+        return {"ui": {"stats": [stats]}}
+
+
+NODE_CLASS_MAPPINGS = {"LoraComposerTest_TinySD15": TinySD15, "LoraComposerTest_LatentStats": LatentStats}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraComposerTest_TinySD15": "Tiny SD1.5 (test)",
+                              "LoraComposerTest_LatentStats": "Latent stats (test)"}
