@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import platform
 import resource
@@ -190,7 +191,7 @@ def _reset_peak_rss() -> bool:
 
 def child_main(args) -> None:
     """One measured run in a fresh process; prints one JSON line."""
-    env = comfy_env.start(models_dir=Path(args.models_dir))
+    env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
     model = tiny_models.build_unet("sd15", config_overrides=model_config(args.quick))
     runner = Runner(env, model)
     gc.collect()
@@ -204,9 +205,9 @@ def child_main(args) -> None:
     print("CHILD_RESULT " + json.dumps(result), flush=True)
 
 
-def spawn_child(method: str, k: int, models_dir: Path, quick: bool) -> dict:
+def spawn_child(method: str, k: int, models_dir: Path, quick: bool, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--k", str(k),
-           "--models-dir", str(models_dir)] + (["--quick"] if quick else [])
+           "--models-dir", str(models_dir), "--threads", str(threads)] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     for line in out.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
@@ -214,18 +215,18 @@ def spawn_child(method: str, k: int, models_dir: Path, quick: bool) -> dict:
     raise RuntimeError(f"child {method} k={k} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
 
 
-def measure_memory(models_dir: Path, quick: bool) -> dict[tuple[str, int], int]:
+def measure_memory(models_dir: Path, quick: bool, threads: int) -> dict[tuple[str, int], int]:
     """Peak RSS growth in bytes per (method, k), each from a fresh child process."""
     growth: dict[tuple[str, int], int] = {}
     baseline = None
     for k in KS:
         for method in ("ours", "core"):
-            r = spawn_child(method, k, models_dir, quick)
+            r = spawn_child(method, k, models_dir, quick, threads)
             if r["resettable"]:
                 growth[(method, k)] = r["hwm"] - r["rss_before"]
             else:
                 if baseline is None:
-                    baseline = spawn_child("baseline", 0, models_dir, quick)["ru_maxrss"]
+                    baseline = spawn_child("baseline", 0, models_dir, quick, threads)["ru_maxrss"]
                 growth[(method, k)] = r["ru_maxrss"] - baseline
     return growth
 
@@ -246,6 +247,15 @@ def profile_runs(runner: Runner, k: int = 4) -> None:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
+def setup_process(threads: int) -> None:
+    """Quiet ComfyUI's start-up (missing optional extras are logged as warnings) and pin torch threads."""
+    logging.getLogger().setLevel(logging.ERROR)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def fmt_row(cells, widths):
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
@@ -256,10 +266,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="≈10 M-parameter model, 3 repeats (smoke test)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--profile", action="store_true", help="also cProfile one cold k=4 run of each method")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1; 0 keeps torch's default). One thread is far less noisy on "
+                        "a small shared machine: OpenMP with every core busy-waits badly when anything else runs")
     p.add_argument("--child", choices=("ours", "core", "baseline"), help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    setup_process(args.threads)
     if args.child:
         child_main(args)
         return
@@ -268,7 +282,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-"))
     models_dir = work / "models"
     t_start = time.perf_counter()
-    env = comfy_env.start(models_dir=models_dir)
+    env = comfy_env.start(models_dir=models_dir, quiet=False)
     import torch
 
     print(f"ComfyUI: {env.describe()}")
@@ -304,7 +318,7 @@ def main() -> None:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)")
     print(f"{repeats} measured rounds done ({time.perf_counter() - t_start:.0f} s since start)")
 
-    memory = {} if args.no_memory else measure_memory(models_dir, args.quick)
+    memory = {} if args.no_memory else measure_memory(models_dir, args.quick, args.threads)
 
     med = {key: (statistics.median(a + b for a, b in v), statistics.median(a for a, _ in v),
                  statistics.median(b for _, b in v)) for key, v in times.items()}
