@@ -152,19 +152,40 @@ def group_by_block_weight(entry: LoraEntry, patches: dict) -> dict[float, dict]:
     return groups
 
 
-def apply_lora_set(model_patcher, clip, lora_set: LoraSet):
-    """Return ``(model, clip, report_lines)`` with every entry's patches added to fresh clones."""
-    resolved = resolve_set(model_patcher, clip, lora_set)
-    new_model = model_patcher.clone() if model_patcher is not None else None
-    new_clip = clip.clone() if clip is not None else None
+def model_patch_lists(entry: LoraEntry, patches: EntryPatches) -> dict[str, list[tuple]]:
+    """The entry's model patches in ``ModelPatcher.patches`` form: key → [(strength, patch, 1.0, offset, fn)].
+
+    Exactly what ``add_patches(group, strength_model × block weight)`` would store, so runtime code can
+    hand them to ``comfy.lora.calculate_weight`` and get what static application computes.
+    """
+    lists: dict[str, list[tuple]] = {}
+    if entry.strength_model == 0:
+        return lists
+    for weight, group in group_by_block_weight(entry, patches.model).items():
+        if weight == 0:
+            continue
+        for target, patch in group.items():
+            key, offset, function = (target, None, None) if isinstance(target, str) else (
+                target[0], target[1], target[2] if len(target) > 2 else None)
+            lists.setdefault(key, []).append((entry.strength_model * weight, patch, 1.0, offset, function))
+    return lists
+
+
+def patched_clip(clip, resolved: list[tuple[LoraEntry, EntryPatches]]):
+    """A CLIP clone with every entry's text-encoder patches added at its clip strength (None stays None)."""
+    if clip is None:
+        return None
+    new_clip = clip.clone()
+    for entry, patches in resolved:
+        if entry.strength_clip != 0 and patches.clip:
+            new_clip.add_patches(patches.clip, entry.strength_clip)
+    return new_clip
+
+
+def report_lines(resolved: list[tuple[LoraEntry, EntryPatches]]) -> list[str]:
+    """One line per entry, also written to the log (unmatched keys listed in full there)."""
     lines = []
     for entry, patches in resolved:
-        if new_model is not None and entry.strength_model != 0:
-            for weight, group in group_by_block_weight(entry, patches.model).items():
-                if weight != 0:
-                    new_model.add_patches(group, entry.strength_model * weight)
-        if new_clip is not None and entry.strength_clip != 0 and patches.clip:
-            new_clip.add_patches(patches.clip, entry.strength_clip)
         line = patches.describe()
         if entry.blocks is not None:
             line += f"; blocks {entry.blocks.describe()}"
@@ -173,4 +194,16 @@ def apply_lora_set(model_patcher, clip, lora_set: LoraSet):
         else:
             log.info("[LoRA Composer] %s", line)
         lines.append(line)
-    return new_model, new_clip, lines
+    return lines
+
+
+def apply_lora_set(model_patcher, clip, lora_set: LoraSet):
+    """Return ``(model, clip, report_lines)`` with every entry's patches added to fresh clones."""
+    resolved = resolve_set(model_patcher, clip, lora_set)
+    new_model = model_patcher.clone() if model_patcher is not None else None
+    for entry, patches in resolved:
+        if new_model is not None and entry.strength_model != 0:
+            for weight, group in group_by_block_weight(entry, patches.model).items():
+                if weight != 0:
+                    new_model.add_patches(group, entry.strength_model * weight)
+    return new_model, patched_clip(clip, resolved), report_lines(resolved)

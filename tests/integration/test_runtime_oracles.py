@@ -1,0 +1,157 @@
+"""Adapter-runtime oracles at the level of one model call (no sampler in between).
+
+* unmerged (forward hooks) output == merged output (ComfyUI's own patching) for every format,
+  fp32, 1e-5 relative to the output's magnitude;
+* per-row routing in one batched forward == each row alone with its LoRA merged;
+* merged swapping reproduces static application bit for bit and restores the exact Parameters.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node
+from harness.tiny_models import build_unet, weights_snapshot
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_unet("sd15", seed=81)
+
+
+def _formats(env, model):
+    sd = model.model.state_dict()
+    files = {
+        "lora": lf.make_lora(sd, lf.pick_targets(sd, ("attn", "proj", "ff")), "kohya", rank=3, alpha=2.0, seed=1),
+        "locon": lf.make_lora(sd, lf.pick_targets(sd, ("conv3", "attn")), "kohya", rank=2, alpha=1.0, seed=2),
+        "tucker": lf.make_lora(sd, lf.pick_targets(sd, ("conv3",)), "kohya", rank=2, alpha=1.0, tucker=True, seed=3),
+        "loha": lf.make_loha(sd, lf.pick_targets(sd, ("attn", "conv3")), seed=4),
+        "lokr": lf.make_lokr(sd, [k for k in lf.pick_targets(sd, ("attn",)) if sd[k].ndim == 2], seed=5),
+        "dora": lf.make_dora(sd, lf.pick_targets(sd, ("attn",)), seed=6),
+        "diff": lf.make_full_diff(sd, lf.pick_targets(sd, ("attn", "conv3")), seed=7),
+    }
+    for name, lora in files.items():
+        for k in lora.tensors:
+            if k.endswith(("lora_up.weight", "lora_mid.weight", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w2_a")):
+                lora.tensors[k] = lora.tensors[k] * 5
+        lora.save(env.models_dir / "loras" / f"rt_{name}.safetensors")
+    return list(files)
+
+
+def _set(names, strengths):
+    s = None
+    for n, sm in zip(names, strengths):
+        (s,) = call_node("LoraSetLoad", lora_name=f"rt_{n}.safetensors", strength_model=sm, strength_clip=1.0, lora_set=s)
+    return s
+
+
+def _inputs(rows):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 4, 8, 8, generator=g)
+    t = torch.full((rows,), 3.0)
+    ctx = torch.randn(rows, 77, 64, generator=g)
+    return x, t, ctx
+
+
+def _static_output(patcher, x, t, ctx):
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        with torch.no_grad():
+            return patcher.model.apply_model(x, t, c_crossattn=ctx).float()
+    finally:
+        mm.unload_all_models()
+
+
+def _routed_output(env, model, s, weights, x, t, ctx):
+    import comfy.model_management as mm
+    composition = env.engine("nodes.composition")
+    layers = env.engine("nodes.runtime.layers")
+    unmerged = env.engine("nodes.runtime.unmerged")
+    patching = env.engine("nodes.patching")
+    mm.unload_all_models()
+    options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None, s)]
+    routing = unmerged.Routing()
+    hooks = unmerged.UnmergedAdapters(layers.build_layer_plans(model.model, options), routing)
+    hooks.install(model.model, x.device)
+    routing.set(weights)
+    try:
+        with torch.no_grad():
+            return model.model.apply_model(x, t, c_crossattn=ctx).float()
+    finally:
+        hooks.remove()
+    assert composition  # imported for its side effects in other tests
+
+
+def _close(a, b, rel=REL):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", ["lora", "locon", "tucker", "loha", "lokr", "dora", "diff"])
+def test_unmerged_equals_merged_per_format(env, model, fmt):
+    _formats(env, model)
+    s = _set([fmt], [0.8])
+    x, t, ctx = _inputs(2)
+    merged = _static_output(call_node("LoraSetApply", model=model, lora_set=s)[0], x, t, ctx)
+    base = _static_output(model, x, t, ctx)
+    unmerged = _routed_output(env, model, s, torch.ones(1, 1), x, t, ctx)
+    assert not _close(merged, base, rel=50 * REL), "the LoRA must change the output well beyond the tolerance"
+    assert _close(unmerged, merged), (unmerged - merged).abs().max().item()
+
+
+def test_per_row_routing_equals_each_row_alone(env, model):
+    names = _formats(env, model)[:5]  # lora, locon, tucker, loha, lokr
+    strengths = [0.8, -0.6, 1.2, 0.9, 0.7]
+    s = _set(names, strengths)
+    x, t, ctx = _inputs(len(names) + 1)
+    weights = torch.zeros(len(names) + 1, len(names))
+    for i in range(len(names)):
+        weights[i, i] = 1.0  # row i → LoRA i; the last row gets no LoRA
+    routed = _routed_output(env, model, s, weights, x, t, ctx)
+    for i, name in enumerate(names):
+        alone = _static_output(call_node("LoraSetApply", model=model, lora_set=_set([name], [strengths[i]]))[0],
+                               x[i:i + 1], t[i:i + 1], ctx[i:i + 1])
+        assert _close(routed[i:i + 1], alone), (name, (routed[i:i + 1] - alone).abs().max().item())
+    base = _static_output(model, x[-1:], t[-1:], ctx[-1:])
+    assert _close(routed[-1:], base)
+
+
+def test_fractional_row_weights_scale_lowrank_linearly(env, model):
+    _formats(env, model)
+    s = _set(["lora", "locon"], [1.0, 1.0])
+    x, t, ctx = _inputs(1)
+    routed = _routed_output(env, model, s, torch.tensor([[0.5, -0.25]]), x, t, ctx)
+    static = _static_output(call_node("LoraSetApply", model=model, lora_set=_set(["lora", "locon"], [0.5, -0.25]))[0],
+                            x, t, ctx)
+    assert _close(routed, static)
+
+
+def test_merged_swap_is_bit_exact_and_restores_parameters(env, model):
+    import comfy.model_management as mm
+    _formats(env, model)
+    patching = env.engine("nodes.patching")
+    swap = env.engine("nodes.runtime.merged_swap")
+    s = _set(["lora", "dora", "loha"], [0.7, 1.0, -0.4])
+    resolved = patching.resolve_set(model, None, s)
+    options = [patching.model_patch_lists(e, p) for e, p in resolved]
+    mm.unload_all_models()
+    before = {k: v for k, v in model.model.named_parameters()}
+    snapshot = weights_snapshot(model.model)
+    swapper = swap.MergedSwapper(model.model, options)
+    for j, (entry, _) in enumerate(resolved):
+        swapper.activate(j)
+        ours = weights_snapshot(model.model)
+        swapper.activate(None)
+        static = call_node("LoraSetApply", model=model, lora_set=_set([entry.name[3:-12]], [entry.strength_model]))[0]
+        mm.load_models_gpu([static], force_full_load=True)
+        core = weights_snapshot(static.model)
+        mm.unload_all_models()
+        assert all(torch.equal(ours[k], core[k]) for k in core), entry.name
+    swapper.activate(1)
+    swapper.restore()
+    after = {k: v for k, v in model.model.named_parameters()}
+    assert all(after[k] is before[k] for k in before), "the original Parameter objects are back"
+    assert all(torch.equal(snapshot[k], v) for k, v in model.model.state_dict().items())

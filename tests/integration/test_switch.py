@@ -1,0 +1,232 @@
+"""LoRA Switch against an independent reference: sampling one step at a time, the model re-patched
+with ComfyUI's own LoRA patching (LoraSetApply → add_patches) before each step. Same seed → the same
+latents (fp32, 1e-5 relative; not bitwise because the reference round-trips the latent through
+process_latent_out/in between its one-step runs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node
+from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup(env):
+    model, clip = build_unet("sd15", seed=51), build_sd15_clip(seed=52)
+    sd = model.model.state_dict()
+    names = []
+    for i, kinds in enumerate([("attn", "proj"), ("attn", "ff"), ("attn", "conv3")]):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, kinds), "kohya", rank=2 + i, alpha=1.0, seed=60 + i)
+        for key in lora.tensors:  # strong deltas so that a wrong LoRA at any step is visible
+            if key.endswith("lora_up.weight"):
+                lora.tensors[key] = lora.tensors[key] * 8
+        name = f"sw_{i}.safetensors"
+        lora.save(env.models_dir / "loras" / name)
+        names.append(name)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, names, pos, neg
+
+
+def lora_set(names, strengths=None):
+    s = None
+    for i, name in enumerate(names):
+        sm = strengths[i] if strengths else 1.0
+        (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=sm, strength_clip=1.0, lora_set=s)
+    return s
+
+
+def sigmas_for(model, steps, denoise=1.0):
+    import comfy.samplers
+
+    ms = model.get_model_object("model_sampling")
+    full = comfy.samplers.calculate_sigmas(ms, "normal", int(steps / denoise) if denoise < 1 else steps)
+    return full[-(steps + 1):]
+
+
+def run_custom(model, sampler_name, sigmas, pos, neg, noise, latent, seed=3, cfg=4.0, callback=None):
+    import comfy.sample
+    import comfy.samplers
+
+    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler_name), sigmas, pos, neg,
+                                      latent, callback=callback, disable_pbar=True, seed=seed)
+
+
+def reference(model, names, strengths, active, sampler_name, sigmas, pos, neg, latent, seed=3):
+    """Step by step: before step i, patch the base model with LoRA active(i) alone (core patching)."""
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    x = latent
+    for i in range(len(sigmas) - 1):
+        j = active(i)
+        (single,) = call_node("LoraSetLoad", lora_name=names[j], strength_model=strengths[j], strength_clip=1.0)
+        patched = call_node("LoraSetApply", model=model, lora_set=single)[0]
+        x = run_custom(patched, sampler_name, sigmas[i:i + 2], pos, neg, noise if i == 0 else torch.zeros_like(noise),
+                       x, seed=seed)
+    return x
+
+
+def switch(model, s, every, schedule, strategy="auto"):
+    out = call_node("LoraSetSwitch", model=model, lora_set=s, switch_every=every, schedule=schedule, strategy=strategy)
+    return out[0]
+
+
+def close(a, b, rel=REL):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("paper", [0, 0, 1, 1, 2, 2, 0, 0, 1]),
+    ("reference-code", [0, 0, 0, 1, 1, 2, 2, 0, 0]),
+])
+def test_schedules(env, schedule, expected):
+    schedules = env.engine("nodes.runtime.schedules")
+    assert [schedules.switch_index(i, 3, 2, schedule) for i in range(9)] == expected
+    assert [schedules.switch_index(i, 2, 5, "reference-code") for i in range(12)] == [0] * 6 + [1] * 5 + [0]
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "heun", "dpm_2"])
+@pytest.mark.parametrize("schedule", ["paper", "reference-code"])
+def test_switch_equals_step_by_step_reference(env, setup, sampler_name, schedule):
+    model, names, pos, neg = setup
+    schedules = env.engine("nodes.runtime.schedules")
+    strengths = [1.0, 0.7, -0.5]
+    sig = sigmas_for(model, 6)
+    latent = torch.zeros(1, 4, 8, 8)
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(latent, 3)
+    sw = switch(model, lora_set(names, strengths), 2, schedule)
+    got = run_custom(sw, sampler_name, sig, pos, neg, noise, latent)
+    want = reference(model, names, strengths, lambda i: schedules.switch_index(i, 3, 2, schedule), sampler_name, sig,
+                     pos, neg, latent)
+    assert close(got, want), (got - want).abs().max().item()
+    wrong = reference(model, names, strengths, lambda i: (i // 2 + 1) % 3, sampler_name, sig, pos, neg, latent)
+    assert not close(got, wrong), "the test cannot tell LoRAs apart"
+
+
+def test_heun_second_stage_stays_on_its_step(env, setup):
+    model, names, pos, neg = setup
+    import comfy.sample
+    sig = sigmas_for(model, 4)
+    latent = torch.zeros(1, 4, 8, 8)
+    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, lora_set(names), 1, "paper")
+    run_custom(sw, "heun", sig, pos, neg, comfy.sample.prepare_noise(latent, 1), latent)
+    history = runtime.history
+    assert history[-1] == [0, 0, 1, 1, 2, 2, 3]  # two calls per step, none after the last (σ → 0)
+
+
+def test_partial_denoise_counts_steps_run(env, setup):
+    """img2img (denoise < 1): step indices are relative to the truncated schedule."""
+    model, names, pos, neg = setup
+    schedules = env.engine("nodes.runtime.schedules")
+    sig = sigmas_for(model, 5, denoise=0.6)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(latent, 3)
+    got = run_custom(switch(model, lora_set(names), 2, "paper"), "euler", sig, pos, neg, noise, latent)
+    want = reference(model, names, [1.0] * 3, lambda i: schedules.switch_index(i, 3, 2, "paper"), "euler", sig, pos,
+                     neg, latent)
+    assert close(got, want)
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "dpmpp_2m", "euler_ancestral"])
+def test_merged_and_unmerged_strategies_agree(env, setup, sampler_name):
+    model, names, pos, neg = setup
+    import comfy.sample
+    sig = sigmas_for(model, 5)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 4)
+    s = lora_set(names, [0.9, 1.1, 0.6])
+    merged = run_custom(switch(model, s, 2, "paper", "merged"), sampler_name, sig, pos, neg, noise, latent)
+    unmerged = run_custom(switch(model, s, 2, "paper", "unmerged"), sampler_name, sig, pos, neg, noise, latent)
+    assert close(unmerged, merged, rel=1e-4)  # different float summation order; argued in the README
+
+
+def test_one_entry_switch_equals_static_apply_exactly(env, setup):
+    model, names, pos, neg = setup
+    import comfy.sample
+    s = lora_set(names[:1], [0.8])
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 5)
+    static = call_node("LoraSetApply", model=model, lora_set=s)[0]
+    a = comfy.sample.sample(static, noise, 4, 5.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=5)
+    b = comfy.sample.sample(switch(model, s, 2, "paper"), noise, 4, 5.0, "euler", "normal", pos, neg, latent,
+                            disable_pbar=True, seed=5)
+    assert torch.equal(a, b)
+
+
+def test_ksampler_nodes_and_clean_model_afterwards(env, setup):
+    model, names, pos, neg = setup
+    before = weights_snapshot(model.model)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    sw = switch(model, lora_set(names), 1, "paper")
+    (a,) = call_node("KSampler", model=sw, seed=1, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal",
+                     positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    (b,) = call_node("KSamplerAdvanced", model=sw, add_noise="enable", noise_seed=1, steps=4, cfg=4.0,
+                     sampler_name="euler", scheduler="normal", positive=pos, negative=neg, latent_image=latent,
+                     start_at_step=1, end_at_step=10000, return_with_leftover_noise="disable")
+    assert a["samples"].isfinite().all() and b["samples"].isfinite().all()
+    import comfy.model_management as mm
+    for state in (model.model.state_dict(),):
+        assert all(torch.equal(before[k], state[k]) for k in before)
+    mm.unload_all_models()
+    assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
+    assert not any("lora_composer" in k for v in model.wrappers.values() for k in v), "wrappers leaked onto input"
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_interrupted_sampling_leaves_model_clean(env, setup, strategy):
+    model, names, pos, neg = setup
+    import comfy.sample
+    before = weights_snapshot(model.model)
+    hooks_before = {n: len(m._forward_hooks) for n, m in model.model.named_modules()}
+
+    def interrupt(step, *_):
+        if step == 1:
+            raise KeyboardInterrupt("user pressed cancel")
+
+    latent = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(KeyboardInterrupt):
+        run_custom(switch(model, lora_set(names), 1, "paper", strategy), "euler", sigmas_for(model, 4), pos, neg,
+                   comfy.sample.prepare_noise(latent, 1), latent, callback=interrupt)
+    assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
+    assert {n: len(m._forward_hooks) for n, m in model.model.named_modules()} == hooks_before
+
+
+def test_bad_input(env, setup):
+    model, names, pos, neg = setup
+    pack_set = env.engine("nodes.lora_set")
+    with pytest.raises(ValueError, match="lora_set is empty"):
+        call_node("LoraSetSwitch", model=model, lora_set=pack_set.LoraSet(), switch_every=2, schedule="paper")
+    with pytest.raises(ValueError, match="switch_every must be ≥ 1"):
+        call_node("LoraSetSwitch", model=model, lora_set=lora_set(names), switch_every=0, schedule="paper")
+    sdxl = build_unet("sdxl", seed=1)
+    xsd = sdxl.model.state_dict()
+    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.7.1." in k and k.endswith("to_k.weight")], "kohya",
+                 seed=2).save(env.models_dir / "loras" / "sw_sdxl.safetensors")
+    (mixed,) = call_node("LoraSetLoad", lora_name="sw_sdxl.safetensors", strength_model=1.0, strength_clip=1.0,
+                         lora_set=lora_set(names[:1]))
+    with pytest.raises(ValueError, match="sw_sdxl.safetensors: none of its"):
+        call_node("LoraSetSwitch", model=model, lora_set=mixed, switch_every=2, schedule="paper")
+
+
+def test_dense_formats_switch_unmerged_equals_merged(env, setup):
+    """LoHa and DoRA go through exact dense deltas in the unmerged runtime."""
+    model, names, pos, neg = setup
+    import comfy.sample
+    sd = model.model.state_dict()
+    lf.make_loha(sd, lf.pick_targets(sd, ("attn", "conv3")), seed=70).save(env.models_dir / "loras" / "sw_loha.safetensors")
+    lf.make_dora(sd, lf.pick_targets(sd, ("attn",)), seed=71).save(env.models_dir / "loras" / "sw_dora.safetensors")
+    s = lora_set(["sw_loha.safetensors", "sw_dora.safetensors", names[0]], [1.5, 1.0, 0.5])
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 8)
+    sig = sigmas_for(model, 4)
+    merged = run_custom(switch(model, s, 1, "paper", "merged"), "euler", sig, pos, neg, noise, latent)
+    unmerged = run_custom(switch(model, s, 1, "paper", "unmerged"), "euler", sig, pos, neg, noise, latent)
+    assert close(unmerged, merged, rel=1e-4)
