@@ -3,7 +3,7 @@
 
 Usage::
 
-    python bench/bench_apply.py [--repeats N] [--quick] [--no-memory] [--profile] [--threads N]
+    python bench/bench_apply.py [--repeats N] [--quick] [--no-memory] [--mem-repeats N] [--profile] [--threads N]
 
 What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU):
 
@@ -26,12 +26,19 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CP
   rounds (ours→core, then core→ours), so slow drift cancels. Medians are reported; the headline is
   the ratio of the medians ours/core (target from the issue: ≤ 1.10). Because other processes on a
   shared machine make single runs swing, the table also shows the median of the per-round ratios
-  (each from two back-to-back runs) and the ratio of the fastest runs.
+  (each from two back-to-back runs) and the ratio of the fastest runs, and every table is printed
+  twice: wall clock, and process CPU time (``time.process_time``; the runs are single-threaded, so
+  on an idle machine both agree, and CPU time does not count waiting for a core another process holds).
+  Before timing, start-up objects are frozen out of the garbage collector (``gc.freeze``) and every
+  run starts with ``gc.collect()``, outside the timed region.
 * Peak memory: for k = 1 and 4 (``--quick``: 4 only), each method runs once (cold) in a fresh child
-  process of this script (``--child``; two at a time, after the timings). After the child has started ComfyUI and built the model, it
-  resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after the
-  run: the reported number is peak RSS minus RSS just before the run. Where ``clear_refs`` is not writable, it falls
-  back to ``ru_maxrss`` of the method child minus ``ru_maxrss`` of a child that only builds the model.
+  process of this script (``--child``; two at a time, after the timings). After the child has
+  started ComfyUI and built the model, it resets the kernel's peak-RSS counter
+  (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after the run: the reported number is peak RSS
+  minus RSS just before the run. Where ``clear_refs`` is not writable, it falls back to
+  ``ru_maxrss`` of the method child minus ``ru_maxrss`` of a child that only builds the model.
+  Single values vary by tens of MiB on this machine, so 3 children run per method and k
+  (``--mem-repeats``; ``--quick``: 1) and the median is reported.
 
 torch runs on one CPU thread by default (``--threads``): on a small shared machine, OpenMP with every
 core busy-waits badly as soon as anything else runs, which made timings swing by 2× here.
@@ -53,6 +60,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +108,27 @@ def write_loras(model_sd: dict, loras_dir: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- runs
 
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of one run: wall clock and process CPU time, each split into nodes / load phases."""
+
+    wall_nodes: float
+    wall_load: float
+    cpu_nodes: float
+    cpu_load: float
+
+    @classmethod
+    def of(cls, t0, t1, t2) -> "Timing":
+        return cls(t1[0] - t0[0], t2[0] - t1[0], t1[1] - t0[1], t2[1] - t1[1])
+
+    def phases(self, clock: str) -> tuple[float, float]:
+        return (self.wall_nodes, self.wall_load) if clock == "wall" else (self.cpu_nodes, self.cpu_load)
+
+
 class Runner:
     """The two methods, each one full run: nodes → load_models_gpu → unload_all_models."""
 
@@ -120,35 +149,34 @@ class Runner:
         self.mm.load_models_gpu([patched], force_full_load=True)
         self.mm.unload_all_models()
 
-    def ours(self, k: int, cold: bool) -> tuple[float, float]:
-        """(seconds in the nodes, seconds in load_models_gpu + unload)."""
+    def ours(self, k: int, cold: bool) -> Timing:
         if cold:
             self.lora_files.clear_cache()
-        t0 = time.perf_counter()
+        t0 = _now()
         lora_set = None
         for name in self.names[:k]:
             lora_set = self.set_load().load(lora_name=name, strength_model=1.0, strength_clip=1.0,
                                             lora_set=lora_set)[0]
         patched = self.set_apply().apply(model=self.model, lora_set=lora_set)[0]
-        t1 = time.perf_counter()
+        t1 = _now()
         self._load_and_unload(patched)
-        t2 = time.perf_counter()
+        t2 = _now()
         del patched, lora_set
-        return t1 - t0, t2 - t1
+        return Timing.of(t0, t1, t2)
 
-    def core(self, k: int, cold: bool) -> tuple[float, float]:
+    def core(self, k: int, cold: bool) -> Timing:
         loaders = [self.core_cls() for _ in range(k)] if cold else self.core_warm_nodes[:k]
-        t0 = time.perf_counter()
+        t0 = _now()
         patched = self.model
         for loader, name in zip(loaders, self.names[:k]):
             patched = loader.load_lora_model_only(model=patched, lora_name=name, strength_model=1.0)[0]
-        t1 = time.perf_counter()
+        t1 = _now()
         self._load_and_unload(patched)
-        t2 = time.perf_counter()
+        t2 = _now()
         del patched, loaders
-        return t1 - t0, t2 - t1
+        return Timing.of(t0, t1, t2)
 
-    def run(self, method: str, k: int, cold: bool) -> tuple[float, float]:
+    def run(self, method: str, k: int, cold: bool) -> Timing:
         gc.collect()
         return getattr(self, method)(k, cold)
 
@@ -221,21 +249,22 @@ def spawn_child(method: str, k: int, models_dir: Path, quick: bool, threads: int
     raise RuntimeError(f"child {method} k={k} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
 
 
-def measure_memory(models_dir: Path, quick: bool, threads: int) -> dict[tuple[str, int], int]:
-    """Peak RSS growth in bytes per (method, k), each from a fresh child process."""
-    jobs = [(method, k) for k in (KS[-1:] if quick else KS) for method in ("ours", "core")]
+def measure_memory(models_dir: Path, quick: bool, threads: int, repeats: int) -> dict[tuple[str, int], list[int]]:
+    """Peak RSS growth in bytes per (method, k): one value per fresh child process, ``repeats`` each."""
+    jobs = [(method, k) for _ in range(repeats) for k in (KS[-1:] if quick else KS) for method in ("ours", "core")]
     # Two children at a time: peak RSS is per process, so running side by side does not change it.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(jobs, pool.map(lambda job: spawn_child(*job, models_dir, quick, threads), jobs)))
-    growth: dict[tuple[str, int], int] = {}
+        results = list(pool.map(lambda job: spawn_child(*job, models_dir, quick, threads), jobs))
+    growth: dict[tuple[str, int], list[int]] = {}
     baseline = None
-    for job, r in results.items():
+    for job, r in zip(jobs, results):
         if r["resettable"]:
-            growth[job] = r["hwm"] - r["rss_before"]
+            value = r["hwm"] - r["rss_before"]
         else:
             if baseline is None:
                 baseline = spawn_child("baseline", 0, models_dir, quick, threads)["ru_maxrss"]
-            growth[job] = r["ru_maxrss"] - baseline
+            value = r["ru_maxrss"] - baseline
+        growth.setdefault(job, []).append(value)
     return growth
 
 
@@ -274,6 +303,33 @@ def setup_process(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+CLOCKS = {"wall": "wall clock", "cpu": "process CPU time"}
+
+
+def print_time_table(times: dict, variants: list, clock: str) -> tuple[float, float]:
+    """One table of medians for ``clock``; returns (worst ratio of medians, worst paired ratio)."""
+    print(f"\n[{CLOCKS[clock]}]")
+    widths = (11, 7, 7, 7, 7, 7, 7, 9, 8, 6)
+    print(fmt_row(("variant", "ours", "(nodes", "load)", "core", "(nodes", "load)", "ours/core", "(paired)",
+                   "(min)"), widths))
+    ratios, paired_ratios = [], []
+    for cold, k in variants:
+        runs = {m: [t.phases(clock) for t in times[(m, cold, k)]] for m in ("ours", "core")}
+        totals = {m: [a + b for a, b in v] for m, v in runs.items()}
+        med = {m: (statistics.median(totals[m]), statistics.median(a for a, _ in runs[m]),
+                   statistics.median(b for _, b in runs[m])) for m in runs}
+        ratio = med["ours"][0] / med["core"][0]
+        paired = statistics.median(x / y for x, y in zip(totals["ours"], totals["core"]))
+        best = min(totals["ours"]) / min(totals["core"])
+        ratios.append(ratio)
+        paired_ratios.append(paired)
+        o, c = med["ours"], med["core"]
+        print(fmt_row((f"{'cold' if cold else 'warm'} k={k}", f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[2]:.3f}",
+                       f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[2]:.3f}", f"{ratio:.3f}", f"{paired:.3f}", f"{best:.3f}"),
+                      widths))
+    return max(ratios), max(paired_ratios)
+
+
 def fmt_row(cells, widths):
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
@@ -283,6 +339,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="measured rounds (default 9; --quick: 3)")
     p.add_argument("--quick", action="store_true", help="≈10 M-parameter model, 3 repeats (smoke test)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--mem-repeats", type=int, default=None, help="child processes per method and k (default 3; "
+                                                                 "--quick: 1)")
     p.add_argument("--profile", action="store_true", help="also cProfile one cold k=4 run of each method")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1; 0 keeps torch's default). One thread is far less noisy on "
@@ -296,6 +354,7 @@ def main() -> None:
         child_main(args)
         return
     repeats = args.repeats or (3 if args.quick else 9)
+    args.mem_repeats = args.mem_repeats or (1 if args.quick else 3)
 
     work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-"))
     models_dir = work / "models"
@@ -325,7 +384,7 @@ def main() -> None:
     freeze_gc()
 
     variants = [(cold, k) for cold in (True, False) for k in KS]
-    times: dict[tuple[str, bool, int], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, bool, int], list[Timing]] = {}
     for rnd in range(repeats + 1):  # round 0 is the warm-up
         order = ("ours", "core") if rnd % 2 == 0 else ("core", "ours")
         for cold, k in variants:
@@ -337,44 +396,29 @@ def main() -> None:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)")
     print(f"{repeats} measured rounds done ({time.perf_counter() - t_start:.0f} s since start)")
 
-    memory = {} if args.no_memory else measure_memory(models_dir, args.quick, args.threads)
+    memory = {} if args.no_memory else measure_memory(models_dir, args.quick, args.threads, args.mem_repeats)
 
-    med = {key: (statistics.median(a + b for a, b in v), statistics.median(a for a, _ in v),
-                 statistics.median(b for _, b in v)) for key, v in times.items()}
     print()
-    print(f"Results: median of {repeats} rounds (after 1 warm-up), seconds; "
-          f"nodes = building the patched MODEL, load = load_models_gpu + unload_all_models")
+    print(f"Results: median of {repeats} rounds (after 1 warm-up), seconds; nodes = building the patched MODEL, "
+          "load = load_models_gpu + unload_all_models")
     print("ours/core = ratio of the medians (headline). For judging noise: (paired) = median over rounds of "
           "ours/core within the round (back-to-back runs), (min) = ratio of the fastest runs")
-    widths = (11, 7, 7, 7, 7, 7, 7, 9, 8, 6)
-    print(fmt_row(("variant", "ours", "(nodes", "load)", "core", "(nodes", "load)", "ours/core", "(paired)",
-                   "(min)"), widths))
-    ratios, paired_ratios = {}, {}
-    for cold, k in variants:
-        o, c = med[("ours", cold, k)], med[("core", cold, k)]
-        ratio = o[0] / c[0]
-        ratios[(cold, k)] = ratio
-        ours_t = [a + b for a, b in times[("ours", cold, k)]]
-        core_t = [a + b for a, b in times[("core", cold, k)]]
-        paired = statistics.median(x / y for x, y in zip(ours_t, core_t))
-        paired_ratios[(cold, k)] = paired
-        best = min(ours_t) / min(core_t)
-        print(fmt_row((f"{'cold' if cold else 'warm'} k={k}", f"{o[0]:.3f}", f"{o[1]:.3f}", f"{o[2]:.3f}",
-                       f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[2]:.3f}", f"{ratio:.3f}", f"{paired:.3f}", f"{best:.3f}"),
-                      widths))
+    verdicts = {clock: print_time_table(times, variants, clock) for clock in ("wall", "cpu")}
     if memory:
         print()
-        print("Peak RSS growth of one cold run in a fresh process (MiB)")
-        mwidths = (13, 9, 9, 12)
-        print(fmt_row(("variant", "ours", "core", "ours/core"), mwidths))
+        print(f"Peak RSS growth of one cold run in a fresh process, MiB (median of {args.mem_repeats} processes; "
+              "all values in brackets)")
+        mwidths = (11, 9, 9, 10, 24, 24)
+        print(fmt_row(("variant", "ours", "core", "ours/core", "(ours: all)", "(core: all)"), mwidths))
         for k in sorted({k for _, k in memory}):
-            o, c = memory[("ours", k)], memory[("core", k)]
-            print(fmt_row((f"cold k={k}", f"{o / 2**20:.1f}", f"{c / 2**20:.1f}",
-                           f"{o / c:.3f}" if c > 0 else "n/a"), mwidths))
-    worst = max(ratios.values())
+            o, c = (statistics.median(memory[(m, k)]) for m in ("ours", "core"))
+            print(fmt_row((f"cold k={k}", f"{o / 2**20:.1f}", f"{c / 2**20:.1f}", f"{o / c:.3f}" if c > 0 else "n/a",
+                           " ".join(f"{v / 2**20:.0f}" for v in memory[("ours", k)]),
+                           " ".join(f"{v / 2**20:.0f}" for v in memory[("core", k)])), mwidths))
     print()
-    print(f"headline: worst time ratio ours/core = {worst:.3f} (target ≤ {TARGET_RATIO:.2f}): "
-          f"{'OK' if worst <= TARGET_RATIO else 'OVER TARGET'}; worst paired ratio {max(paired_ratios.values()):.3f}")
+    for clock, (worst, worst_paired) in verdicts.items():
+        print(f"headline ({CLOCKS[clock]}): worst ratio ours/core = {worst:.3f} (target ≤ {TARGET_RATIO:.2f}): "
+              f"{'OK' if worst <= TARGET_RATIO else 'OVER TARGET'}; worst paired ratio {worst_paired:.3f}")
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     if args.profile:
         profile_runs(runner)

@@ -3,13 +3,14 @@
 
 Usage::
 
-    python bench/bench_lowrank.py [--runs N] [--threads T] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+    python bench/bench_lowrank.py [--runs N] [--inner M] [--threads T] [--device cpu|cuda]
+                                  [--dtype float32|bfloat16|float16]
 
-Setup: ``x`` is ``[N=4, T=1024, in=640]``, the base layer ``F.linear(x, W)`` with ``W`` ``[640, 640]``;
-ranks 16 / 64 / 128; ``k = 1`` (every row uses the adapter) and ``k = 3`` with one-hot routing
-(row ``n`` uses adapter ``n mod 3``). All adapters of a configuration share the rank. Factors are
-pre-cast and pre-stacked with ``build_concat_cache`` (as a caller would hold them), so the timings
-are the per-forward cost.
+Setup: ``x`` is ``[N=4, T=1024, in=640]``, the base layer ``F.linear(x, W)`` with ``W``
+``[640, 640]``; ranks 16 / 64 / 128; ``k = 1`` (every row uses the adapter) and ``k = 3`` with
+one-hot routing (row ``n`` uses adapter ``n mod 3``). All adapters of a configuration share the
+rank. Factors are pre-cast and pre-stacked with ``build_concat_cache`` (as a caller would hold
+them), so the timings are the per-forward cost.
 
 Printed (ratios only, medians of ``--runs`` rounds after a warm-up; each round times every method
 once, in an order that rotates across rounds, each timing the mean of ``--inner`` calls):
@@ -17,9 +18,11 @@ once, in an order that rotates across rounds, each timing the mean of ``--inner`
 * ``concat/ref``, ``grouped/ref``: strategy time over the ``reference`` strategy's;
 * ``auto``: what ``strategy="auto"`` picks for these row weights;
 * ``overhead``: ``(F.linear(x, W) + lowrank_delta(auto)) / F.linear(x, W)``, the unmerged cost
-  relative to the plain layer (a merged LoRA costs 1.00 per forward);
-* ``1 + flops``: ``1 + 2·r·(in+out) / (2·in·out)``, the FLOP-count prediction of that ratio for one
-  adapter per row (``grouped`` does exactly that much extra work; ``concat`` does ``k`` times it).
+  relative to the plain layer (a merged LoRA costs 1.00 per forward); ``out=``: the same with
+  the delta accumulated into the layer output (``lowrank_delta(..., out=y)``: no delta tensor,
+  the add fused into the up GEMM);
+* ``1 + flops``: ``1 + 2·r·(in+out) / (2·in·out)``, the FLOP-count prediction of that ratio for
+  one adapter per row (``grouped`` does exactly that much extra work, ``concat`` ``k`` times it).
 
 Defaults: CPU, fp32, ``torch.set_num_threads(2)``.
 """
@@ -81,12 +84,17 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         y.add_(lowrank.lowrank_delta(x, adapters, w, cache=cache))
         return y
 
+    def unmerged_out():
+        y = F.linear(x, weight)
+        return lowrank.lowrank_delta(x, adapters, w, cache=cache, out=y)
+
     methods = {
         "reference": delta("reference"),
         "concat": delta("concat"),
         "grouped": delta("grouped"),
         "base": lambda: F.linear(x, weight),
         "unmerged": unmerged,
+        "unmerged_out": unmerged_out,
     }
     names = list(methods)
     with torch.inference_mode():
@@ -106,6 +114,7 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         "grouped/ref": med["grouped"] / med["reference"],
         "auto": lowrank.choose_strategy(adapters, w),
         "overhead": med["unmerged"] / med["base"],
+        "overhead_out": med["unmerged_out"] / med["base"],
         "1+flops": 1.0 + (2 * r * (IN + OUT)) / (2 * IN * OUT),
     }
 
@@ -130,14 +139,15 @@ def main() -> None:
         f"medians of {args.runs} rounds x {args.inner} calls"
     )
     header = f"{'r':>4} {'k':>2}  {'concat/ref':>10} {'grouped/ref':>11} {'auto':>8}"
-    header += f"  {'overhead':>8} {'1+flops':>8}"
+    header += f"  {'overhead':>8} {'out=':>6} {'1+flops':>8}"
     print(header)
     for k in (1, 3):
         for r in RANKS:
             row = bench_config(r, k, args, device, dtype)
             print(
-                f"{row['r']:>4} {row['k']:>2}  {row['concat/ref']:>10.2f} {row['grouped/ref']:>11.2f}"
-                f" {row['auto']:>8}  {row['overhead']:>8.3f} {row['1+flops']:>8.3f}"
+                f"{row['r']:>4} {row['k']:>2}  {row['concat/ref']:>10.2f}"
+                f" {row['grouped/ref']:>11.2f} {row['auto']:>8}  {row['overhead']:>8.3f}"
+                f" {row['overhead_out']:>6.3f} {row['1+flops']:>8.3f}"
             )
 
 

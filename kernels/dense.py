@@ -27,9 +27,11 @@ from torch import Tensor
 from . import dispatch
 from .lowrank import (
     ConvSpec,
+    _check_out,
     _check_row_weights,
     _check_x,
     _conv_kwargs,
+    _output_shape,
     _row_selector,
     _rows,
     _shape,
@@ -81,15 +83,19 @@ def dense_delta_torch(
     deltas: Sequence[Tensor],
     row_weights: Tensor | Sequence,
     conv: ConvSpec | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The ``"torch"`` backend of :func:`dense_delta` (same arguments and result)."""
     deltas = _check_deltas(deltas, x, conv)
     w = _check_row_weights(row_weights, x.shape[0], len(deltas))
+    d0 = deltas[0]
+    kernel = None if conv is None else (int(d0.shape[2]), int(d0.shape[3]))
+    shape = _output_shape(x, int(d0.shape[0]), kernel, conv)
+    _check_out(out, x, shape)
     used = w.cpu() != 0
     coef = w.to(device=x.device, dtype=x.dtype)
     n = x.shape[0]
 
-    out: Tensor | None = None
     for a, dw in enumerate(deltas):
         sel = _row_selector(used[:, a])
         if sel is None:
@@ -102,19 +108,18 @@ def dense_delta_torch(
                 out = y
                 continue
             if out is None:
-                out = x.new_zeros((n,) + _shape(y)[1:])
+                out = x.new_zeros(shape)
             out[sel].add_(y)
             continue
         idx = sel.to(x.device, non_blocking=True)
         y = _apply(x.index_select(0, idx), dw, conv)
         y = y * _rows(coef.index_select(0, idx)[:, a], y, conv)
         if out is None:
-            out = x.new_zeros((n,) + _shape(y)[1:])
+            out = x.new_zeros(shape)
         # Unique indices within one adapter: one term per element, no order-dependent rounding.
         out.index_add_(0, idx, y)
-    if out is None:  # every weight is zero: get the output shape from an empty batch
-        y = _apply(x[:0], deltas[0].to(device=x.device, dtype=x.dtype), conv)
-        out = x.new_zeros((n,) + _shape(y)[1:])
+    if out is None:  # every weight is zero
+        out = x.new_zeros(shape)
     return out
 
 
@@ -123,6 +128,7 @@ def dense_delta(
     deltas: Sequence[Tensor],
     row_weights: Tensor | Sequence,
     conv: ConvSpec | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``Σ_a w[:, a] ⊙ (ΔW_a ⋆ x)``, each term computed only on rows with ``w[n, a] != 0``.
 
@@ -132,16 +138,19 @@ def dense_delta(
             folded in.
         row_weights: ``[N, k]`` real weights (tensor or nested list), best kept on the CPU.
         conv: the base conv's :class:`~kernels.lowrank.ConvSpec`; ``None`` for a linear layer.
+        out: optional layer output to accumulate into, in place (``out += delta``, returned);
+            the delta's shape, ``x``'s dtype and device.
 
     Returns:
-        The delta in ``x``'s dtype on ``x``'s device, shaped like the layer output (no bias).
+        The delta (or ``out`` plus it) in ``x``'s dtype on ``x``'s device, shaped like the
+        layer output (no bias).
 
     The implementation comes from :func:`kernels.dispatch.select` (op ``"dense_delta"``).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _, fn = dispatch.select("dense_delta", x.device)
-    return fn(x, deltas, row_weights, conv=conv)
+    return fn(x, deltas, row_weights, conv=conv, out=out)
 
 
 dispatch.register_backend(

@@ -315,8 +315,10 @@ def build_concat_cache(
     adapters = _check_adapters(adapters)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    device = torch.device(device)
     scales = torch.tensor([a.scale for a in adapters], dtype=torch.float64, device=device)
+    # A tensor's device is concrete ("cuda" -> "cuda:0"), so it compares equal to x.device and
+    # ConcatCache.to does not rebuild on every call.
+    device = scales.device
     if not _concat_valid(adapters):
         return ConcatCache(
             tuple(adapters), dtype, device, tuple(_cast_factors(adapters, dtype, device)),
@@ -447,6 +449,41 @@ def _check_layer(
             )
 
 
+def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _output_shape(
+    x: Tensor, out_features: int, kernel: _Pair | None, conv: ConvSpec | None
+) -> tuple[int, ...]:
+    """Shape of the layer output (= of the delta) for input ``x``."""
+    if conv is None:
+        return _shape(x)[:-1] + (out_features,)
+    assert kernel is not None
+    if conv.padding == "same":
+        spatial = _shape(x)[2:]
+    else:
+        pad = (0, 0) if conv.padding == "valid" else conv.padding
+        spatial = tuple(
+            _conv_out_size(int(x.shape[2 + i]), kernel[i], conv.stride[i], pad[i], conv.dilation[i])
+            for i in range(2)
+        )
+    return (int(x.shape[0]), out_features) + spatial
+
+
+def _check_out(out: Tensor | None, x: Tensor, shape: tuple[int, ...]) -> None:
+    """``out`` must be exactly what the delta would be: same shape, dtype and device."""
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise ValueError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if _shape(out) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must have the layer output's shape {shape}, x's dtype {x.dtype} and device "
+            f"{x.device}; got {_shape(out)}, {out.dtype}, {out.device}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # strategies (inputs already validated and cast)
 # --------------------------------------------------------------------------------------------
@@ -469,6 +506,16 @@ def _up(h: Tensor, up: Tensor, conv: ConvSpec | None) -> Tensor:
     return F.linear(h, up) if conv is None else F.conv2d(h, up)
 
 
+def _up_into(h: Tensor, up: Tensor, conv: ConvSpec | None, out: Tensor) -> None:
+    """``out += up(h)``; linear into a contiguous ``out``: one ``addmm_`` (beta = 1), so the
+    delta is never materialised and the separate read-modify-write pass over ``out`` disappears.
+    """
+    if conv is None and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+    else:
+        out.add_(_up(h, up, conv))
+
+
 def _rows(v: Tensor, like: Tensor, conv: ConvSpec | None) -> Tensor:
     """Broadcast per-row values ``v`` (``[N]``, or ``[N, C]`` per feature) against ``like``.
 
@@ -483,14 +530,18 @@ def _rows(v: Tensor, like: Tensor, conv: ConvSpec | None) -> Tensor:
 
 
 def _reference(
-    x: Tensor, factors: Sequence[_Factors], coef: Tensor, conv: ConvSpec | None
+    x: Tensor,
+    factors: Sequence[_Factors],
+    coef: Tensor,
+    conv: ConvSpec | None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``Σ_a coef[:, a] · up_a(down_a(x))`` on all rows, scaled after the up projection."""
-    delta: Tensor | None = None
+    delta = out
     for a, (down, mid, up) in enumerate(factors):
         y = _up(_down(x, down, mid, conv), up, conv)
         term = _rows(coef[:, a], y, conv) * y
-        delta = term if delta is None else delta + term
+        delta = term if delta is None else delta.add_(term)
     assert delta is not None  # adapters is never empty here
     return delta
 
@@ -502,6 +553,7 @@ def _concat(
     col_adapter: Tensor,
     coef: Tensor,
     conv: ConvSpec | None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """One GEMM pair: ``h = x A_catᵀ``; ``h[n, j] *= coef[n, a(j)]``; ``delta = h B_catᵀ``.
 
@@ -510,7 +562,10 @@ def _concat(
     h = _down(x, down_cat, None, conv)
     # index_select with a stored column map, not repeat_interleave: no host sync on GPU.
     h = h * _rows(coef.index_select(1, col_adapter), h, conv)
-    return _up(h, up_cat, conv)
+    if out is None:
+        return _up(h, up_cat, conv)
+    _up_into(h, up_cat, conv, out)
+    return out
 
 
 def _row_selector(rows: Tensor) -> slice | Tensor | None:
@@ -535,6 +590,7 @@ def _grouped(
     coef: Tensor,
     used: Tensor,
     conv: ConvSpec | None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Per adapter ``a``, only the rows with ``used[n, a]`` (``w[n, a] != 0``).
 
@@ -543,19 +599,22 @@ def _grouped(
     output element gets exactly one term per adapter (no order-dependent rounding).
     """
     n = x.shape[0]
-    delta: Tensor | None = None
+    delta = out
     for a, (down, mid, up) in enumerate(factors):
         sel = _row_selector(used[:, a])
         if sel is None:
             continue
         if isinstance(sel, slice):
             h = _down(x[sel], down, mid, conv)
-            y = _up(h * _rows(coef[sel, a], h, conv), up, conv)
-            if delta is None and sel == slice(0, n):
+            h = h * _rows(coef[sel, a], h, conv)
+            if delta is not None:
+                _up_into(h, up, conv, delta[sel])  # a dim-0 slice of a contiguous tensor is too
+                continue
+            y = _up(h, up, conv)
+            if sel == slice(0, n):
                 delta = y  # every row, first adapter: the term is the delta so far
                 continue
-            if delta is None:
-                delta = x.new_zeros((n,) + _shape(y)[1:])
+            delta = x.new_zeros((n,) + _shape(y)[1:])
             delta[sel].add_(y)
             continue
         idx = sel.to(x.device, non_blocking=True)
@@ -620,10 +679,14 @@ def lowrank_delta_torch(
     conv: ConvSpec | None = None,
     strategy: str = "auto",
     cache: ConcatCache | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The ``"torch"`` backend of :func:`lowrank_delta` (same arguments and result)."""
     adapters = _check_adapters(adapters)
     _check_layer(x, adapters, conv)
+    if out is not None:
+        ref = adapters[0]
+        _check_out(out, x, _output_shape(x, ref.out_features, ref.kernel_size, conv))
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     w = _check_row_weights(row_weights, x.shape[0], len(adapters))
@@ -667,14 +730,14 @@ def lowrank_delta_torch(
             col = torch.repeat_interleave(
                 torch.arange(len(adapters)), torch.tensor([a.rank for a in adapters])
             ).to(x.device)
-        return _concat(x, down_cat, up_cat, col, coef, conv)
+        return _concat(x, down_cat, up_cat, col, coef, conv, out)
 
     factors = cache.factors if cache is not None else _cast_factors(adapters, x.dtype, x.device)
     if strategy == "reference":
-        return _reference(x, factors, coef, conv)
+        return _reference(x, factors, coef, conv, out)
     if used is None:
         used = w.cpu() != 0
-    return _grouped(x, factors, coef, used, conv)
+    return _grouped(x, factors, coef, used, conv, out)
 
 
 def lowrank_delta(
@@ -684,6 +747,7 @@ def lowrank_delta(
     conv: ConvSpec | None = None,
     strategy: str = "auto",
     cache: ConcatCache | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Delta to add to a layer's output: ``Σ_a w[n, a] · s_a · up_a(down_a(x[n]))``.
 
@@ -697,18 +761,22 @@ def lowrank_delta(
         strategy: ``"auto"`` (see :func:`choose_strategy`), ``"reference"``, ``"concat"`` or
             ``"grouped"``; ``"concat"`` with a Tucker adapter runs ``"grouped"`` (same sum).
         cache: optional :func:`build_concat_cache` result for these same adapter objects.
+        out: optional layer output to accumulate into, in place (``out += delta``; then ``out``
+            is returned). Must have the delta's shape and ``x``'s dtype/device. Saves allocating
+            the delta and a separate add pass (linear layers fuse the add into the up GEMM).
 
     Returns:
-        The delta, in ``x``'s dtype on ``x``'s device, shaped like the layer's output:
-        linear ``[N, ..., out]``, conv ``[N, out, H', W']``. Rows whose weights are all zero are
-        exactly zero. No NaN/Inf check is made (that would cost a device sync per call).
+        The delta (or ``out`` with the delta added), in ``x``'s dtype on ``x``'s device, shaped
+        like the layer's output: linear ``[N, ..., out]``, conv ``[N, out, H', W']``. Rows whose
+        weights are all zero are exactly zero (``out``: left untouched). No NaN/Inf check is
+        made (that would cost a device sync per call).
 
     The implementation comes from :func:`kernels.dispatch.select` (op ``"lowrank_delta"``).
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _, fn = dispatch.select("lowrank_delta", x.device)
-    return fn(x, adapters, row_weights, conv=conv, strategy=strategy, cache=cache)
+    return fn(x, adapters, row_weights, conv=conv, strategy=strategy, cache=cache, out=out)
 
 
 dispatch.register_backend(

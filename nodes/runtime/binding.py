@@ -3,22 +3,28 @@
 * ``SAMPLER_SAMPLE`` wrapper: spans one sampling run. Probes the sampler's step structure, installs
   the execution strategy (merged swap or unmerged hooks) and, in a ``finally``, restores the model
   exactly — also when sampling is interrupted.
-* ``PREDICT_NOISE`` wrapper: runs before every model call of the sampler; asks the policy which
-  option(s) act for this call's step and activates them.
+* ``PREDICT_NOISE`` wrapper: runs before every model call of the sampler; records the call's step
+  and, for a *selection* policy (Switch), activates the option for that step.
+* ``APPLY_MODEL`` wrapper (mixture policies: Composite, AutoLoRA): evaluates the network once per
+  mixture component — sequentially with merged weights, or in one batch with per-row routing — and
+  returns Σ coefficient · output. The outputs are denoised (x0) predictions; for a fixed x and σ
+  they are affine in ε, so a mixture whose coefficients sum to 1 is the same mixture of ε's.
 
-Both are registered on a *clone* under a key unique to this runtime, so other packs' keyed wrappers
-compose with ours and the input MODEL is never modified.
+Wrappers are registered on a *clone* under a key unique to this runtime, so other packs' keyed
+wrappers compose with ours and the input MODEL is never modified.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
+import comfy.model_management as mm
 import comfy.patcher_extension as pe
 import torch
 
+from . import batching
 from .layers import build_layer_plans
 from .merged_swap import MergedSwapper
 from .step_tracker import StepTracker, probe_steps
@@ -29,6 +35,9 @@ log = logging.getLogger("LoRA Composer")
 STRATEGIES = ("auto", "merged", "unmerged")
 _ids = itertools.count()
 
+Option = "int | tuple[float, ...] | None"  # an entry index, per-entry weights, or no LoRA
+Mixture = Sequence[tuple[float, object]]  # (coefficient, option) pairs
+
 
 @dataclass
 class RunState:
@@ -36,42 +45,59 @@ class RunState:
     swapper: MergedSwapper | None = None
     hooks: UnmergedAdapters | None = None
     routing: Routing = field(default_factory=Routing)
+    step: int = 0
     steps_seen: list[int] = field(default_factory=list)
+    forwards: int = 0  # network evaluations (APPLY_MODEL executions), for diagnostics
 
 
 class AdapterRuntime:
-    """Options (LoRAs as ComfyUI patch lists) plus a per-call policy ``step → option index or None``."""
+    """Options (LoRAs as ComfyUI patch lists) plus a policy saying which act at each model call.
 
-    def __init__(self, options: list[dict[str, list[tuple]]], policy: Callable[[int], int | None],
-                 strategy: str = "auto", label: str = "runtime"):
+    ``select(step) → option`` (Switch) or ``mixture(step) → [(coefficient, option), …]``.
+    """
+
+    def __init__(self, options: list[dict[str, list[tuple]]], *, select: Callable[[int], object] | None = None,
+                 mixture: Callable[[int], Mixture] | None = None, strategy: str = "auto", label: str = "runtime",
+                 cached_sets: int = 0, free_memory: Callable[[torch.device], float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         self.options = options
-        self.policy = policy
+        self.select = select
+        self.mixture = mixture
         self.strategy = strategy
+        self.cached_sets = cached_sets
+        self.free_memory = free_memory or mm.get_free_memory
         self.key = f"lora_composer.{label}.{next(_ids)}"
         self.run: RunState | None = None
         self.history: list[list[int]] = []  # steps seen per finished run (diagnostics and tests)
+        self.forwards: list[int] = []  # network evaluations per finished run
 
     def attach(self, model_patcher):
         """A clone of ``model_patcher`` that runs this runtime whenever it samples."""
         clone = model_patcher.clone()
         clone.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, self.key, self.sampler_sample)
         clone.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, self.key, self.predict_noise)
+        if self.mixture is not None:
+            clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
         return clone
 
-    def chosen_strategy(self) -> str:
-        return "merged" if self.strategy == "auto" else self.strategy
+    def chosen_strategy(self, device: torch.device) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        # Switch: one LoRA at a time is cheapest baked in. Mixtures: on a CPU throughput is linear in
+        # rows, so k sequential merged passes cost the same as one k-times batch minus the unmerged
+        # low-rank FLOPs; on a GPU one big batch uses the device better.
+        return "unmerged" if self.mixture is not None and device.type == "cuda" else "merged"
 
-    # -- wrappers ------------------------------------------------------------------------------
+    # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
         guider, sigmas, extra_args, _callback, noise = args[:5]
         latent_image = args[5] if len(args) > 5 else kwargs.get("latent_image")
         base_model = guider.inner_model
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
-        if self.chosen_strategy() == "merged":
-            run.swapper = MergedSwapper(base_model, self.options)
+        if self.chosen_strategy(noise.device) == "merged":
+            run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)
             run.hooks.install(base_model, noise.device)
@@ -84,19 +110,78 @@ class AdapterRuntime:
             if run.hooks is not None:
                 run.hooks.remove()
             self.history.append(run.steps_seen)
+            self.forwards.append(run.forwards)
             self.run = None
 
+    def activate(self, option) -> None:
+        """Make ``option`` act on every row of the following network evaluations (inside a run)."""
+        run = self.run
+        if run is None:
+            raise RuntimeError("the LoRA runtime is only active while its model samples")
+        if run.swapper is not None:
+            run.swapper.activate(option)
+        else:
+            run.routing.set(self._routing_row(option).unsqueeze(0))
+
+    def _routing_row(self, option) -> torch.Tensor:
+        row = torch.zeros(len(self.options))
+        if isinstance(option, int):
+            row[option] = 1.0
+        elif option is not None:
+            row[:] = torch.tensor(option, dtype=torch.float32)
+        return row
+
+    # -- per model call --------------------------------------------------------------------------
     def predict_noise(self, executor, x, timestep, model_options=None, seed=None, *args, **kwargs):
         run = self.run
         if run is not None:
-            step = run.tracker.step_for_call(timestep)
-            run.steps_seen.append(step)
-            option = self.policy(step)
-            if run.swapper is not None:
-                run.swapper.activate(option)
-            else:
-                weights = torch.zeros(1, len(self.options))
-                if option is not None:
-                    weights[0, option] = 1.0
-                run.routing.set(weights)
+            run.step = run.tracker.step_for_call(timestep)
+            run.steps_seen.append(run.step)
+            if self.select is not None:
+                self.activate(self.select(run.step))
         return executor(x, timestep, model_options, seed, *args, **kwargs)
+
+    def apply_model(self, executor, *args, **kwargs):
+        run = self.run
+        if run is None:
+            return executor(*args, **kwargs)
+        components = list(self.mixture(run.step))
+        if run.swapper is not None or len(components) == 1:
+            return self._sequential(run, components, executor, args, kwargs)
+        return self._batched(run, components, executor, args, kwargs)
+
+    def _sequential(self, run, components, executor, args, kwargs):
+        acc = None
+        for coefficient, option in components:
+            self.activate(option)
+            out = executor(*args, **kwargs)
+            run.forwards += 1
+            term = out if coefficient == 1.0 else out * coefficient
+            acc = term if acc is None else acc + term
+        return acc
+
+    def components_per_forward(self, base_model, x: torch.Tensor, count: int) -> int:
+        """How many components fit in one forward, by ComfyUI's own memory estimate."""
+        need = base_model.memory_required(list(x.shape)) * 1.5
+        free = self.free_memory(x.device)
+        if need > free:
+            raise MemoryError(
+                f"even one LoRA's batch ({x.shape[0]} rows of {tuple(x.shape[1:])}) needs about "
+                f"{need / 2**20:.0f} MiB but {free / 2**20:.0f} MiB are free; lower the resolution or batch size.")
+        return max(1, min(count, int(free // need)))
+
+    def _batched(self, run, components, executor, args, kwargs):
+        x = args[0]
+        base_model = executor.class_obj
+        per_forward = self.components_per_forward(base_model, x, len(components))
+        acc = None
+        for start in range(0, len(components), per_forward):
+            chunk = components[start:start + per_forward]
+            m = len(chunk)
+            rows = torch.stack([self._routing_row(option) for _, option in chunk]).repeat_interleave(x.shape[0], dim=0)
+            run.routing.set(rows)
+            big_args, big_kwargs = batching.expand_call(args, kwargs, m)
+            out = batching.fold(executor(*big_args, **big_kwargs), [c for c, _ in chunk])
+            run.forwards += 1
+            acc = out if acc is None else acc + out
+        return acc

@@ -11,6 +11,8 @@ same as one statically applied LoRA — plus one layer's temporary while computi
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import comfy.lora
 import comfy.model_management as mm
 import comfy.utils
@@ -31,13 +33,19 @@ def _compute_dtype(device) -> torch.dtype:
 class MergedSwapper:
     """Swap per-layer patch lists into a loaded model and restore the original Parameters."""
 
-    def __init__(self, base_model: torch.nn.Module, patches_per_option: list[dict[str, list]]):
-        """``patches_per_option[j][key]`` is the ComfyUI patch list (as in ``ModelPatcher.patches``)."""
+    def __init__(self, base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0):
+        """``patches_per_option[j][key]`` is the ComfyUI patch list (as in ``ModelPatcher.patches``).
+
+        ``cached_sets``: how many computed weight sets to keep for instant re-activation. Each costs one
+        patched copy of the LoRA'd layers (what one statically applied LoRA holds); 0 recomputes.
+        """
         self.base_model = base_model
         self.options = patches_per_option
         self.keys = sorted({k for opt in patches_per_option for k in opt})
         self.originals: dict[str, torch.nn.Parameter] = {}
-        self.active: int | None = None
+        self.active = None
+        self.cached_sets = cached_sets
+        self._cache: "OrderedDict[object, dict[str, torch.nn.Parameter]]" = OrderedDict()
 
     def _set(self, key: str, patches: list | None) -> None:
         weight, set_func, convert_func = get_key_weight(self.base_model, key)
@@ -59,19 +67,48 @@ class MergedSwapper:
             out = out.to(original.dtype)
         comfy.utils.set_attr_param(self.base_model, key, out)
 
-    def activate(self, option: int | None) -> bool:
-        """Bake option ``option`` (None = no LoRA) into the weights; returns whether anything changed."""
+    def activate(self, option: "int | tuple[float, ...] | None") -> bool:
+        """Bake an option into the weights; returns whether anything changed.
+
+        ``option`` is an entry index, ``None`` (no LoRA: the original Parameters, free), or a tuple of
+        per-entry weights (several LoRAs at once: their patch lists concatenated, strengths scaled).
+        """
+        if isinstance(option, tuple) and sum(1 for w in option if w != 0) == 1 and max(option) == 1.0:
+            option = option.index(1.0)  # a one-hot vector is that entry: share its exact patch lists
+        if isinstance(option, tuple) and not any(option):
+            option = None
         if option == self.active:
             return False
-        wanted = self.options[option] if option is not None else {}
-        for key in self.keys:
-            self._set(key, wanted.get(key))
+        cached = self._cache.get(option)
+        if cached is not None:
+            self._cache.move_to_end(option)
+            for key, param in cached.items():
+                comfy.utils.set_attr(self.base_model, key, param)
+        else:
+            for key in self.keys:
+                self._set(key, self.patch_lists(option, key))
+            if option is not None and self.cached_sets > 0:
+                self._cache[option] = {k: comfy.utils.get_attr(self.base_model, k) for k in self.keys}
+                while len(self._cache) > self.cached_sets:
+                    self._cache.popitem(last=False)
         self.active = option
         return True
+
+    def patch_lists(self, option, key: str) -> list | None:
+        if option is None:
+            return None
+        if isinstance(option, int):
+            return self.options[option].get(key)
+        lists = []
+        for weight, entry_option in zip(option, self.options):
+            if weight != 0:
+                lists += [(p[0] * weight, *p[1:]) for p in entry_option.get(key, [])]
+        return lists or None
 
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""
         for key, original in self.originals.items():
             comfy.utils.set_attr(self.base_model, key, original)
         self.originals.clear()
+        self._cache.clear()
         self.active = None

@@ -226,6 +226,50 @@ def test_all_zero_weights_give_zeros_of_output_shape() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# accumulating into the layer output (out=)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["mixed", "blocks", "ones"])
+@pytest.mark.parametrize("layout", [*LAYOUTS, "conv_mixed"])
+def test_out_accumulates_in_place(layout: str, weights: str) -> None:
+    x, adapters, conv, weight = _problem(layout, 3, seed=8)
+    w = _weights(weights, 3)
+    want = _oracle(x, adapters, w, conv, weight)
+    base = _randn(*want.shape, seed=9) * want.std().item()
+    zero_rows = (w == 0).all(dim=1)
+    for strategy in ("reference", "concat", "grouped", "auto"):
+        out = base.clone()
+        got = lowrank.lowrank_delta(x, adapters, w, conv=conv, strategy=strategy, out=out)
+        assert got is out, strategy
+        assert _rel(out, base.double() + want) < TOL, strategy
+        assert torch.equal(out[zero_rows], base[zero_rows]), strategy
+
+
+def test_out_non_contiguous_falls_back_to_add() -> None:
+    x, adapters, _, weight = _problem("linear2d", 3, seed=10)
+    w = _weights("blocks", 3)
+    want = _oracle(x, adapters, w, None, weight)
+    for strategy in ("reference", "concat", "grouped"):
+        before = _randn(N, OUT, seed=11)
+        out = before.t().contiguous().t()  # [N, OUT] with transposed strides: not contiguous
+        assert not out.is_contiguous()
+        lowrank.lowrank_delta(x, adapters, w, strategy=strategy, out=out)
+        assert _rel(out, before.double() + want) < TOL
+
+
+def test_out_must_match_the_delta() -> None:
+    x, adapters, conv, _ = _problem("conv3x3_s2p1", 2)
+    w = _weights("ones", 2)
+    for bad in (torch.zeros(N, COUT, 9, 9), torch.zeros(N, COUT, 5, 5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out"):
+            lowrank.lowrank_delta(x, adapters, w, conv=conv, out=bad)
+    with pytest.raises(ValueError, match="out"):
+        dense.dense_delta(x, [torch.zeros(COUT, CIN, 3, 3)], torch.ones(N, 1), conv=STRIDED,
+                          out=torch.zeros(N, COUT, 4, 4))
+
+
+# --------------------------------------------------------------------------------------------
 # strategy choice
 # --------------------------------------------------------------------------------------------
 
@@ -306,6 +350,11 @@ def test_dense_delta_matches_oracle(layout: str, weights: str) -> None:
     assert _rel(got, want) < TOL
     zero_rows = (w == 0).all(dim=1)
     assert not got[zero_rows].any()
+    base = _randn(*want.shape, seed=12)
+    out = base.clone()
+    assert dense.dense_delta(x, deltas, w, conv=conv, out=out) is out
+    assert _rel(out, base.double() + want) < TOL
+    assert torch.equal(out[zero_rows], base[zero_rows])
 
 
 def test_dense_delta_all_zero_and_float64() -> None:
@@ -378,7 +427,7 @@ def test_entry_point_goes_through_dispatch() -> None:
     sentinel = object()
     seen = []
 
-    def fast(x, adapters, row_weights, conv=None, strategy="auto", cache=None):
+    def fast(x, adapters, row_weights, conv=None, strategy="auto", cache=None, out=None):
         seen.append(strategy)
         return sentinel
 

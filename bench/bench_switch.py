@@ -1,0 +1,681 @@
+#!/usr/bin/env python3
+"""Benchmark: LoRA Switch (``LoraSetSwitch``) against static application and ComfyUI core's per-step hooks.
+
+Usage::
+
+    python bench/bench_switch.py [--quick] [--steps N] [--repeats N] [--no-memory] [--profile]
+
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU, fp32):
+
+* A mid-size SD1.5-shaped UNet (bench_apply.py's layout, model_channels 96: ≈ 81 M parameters;
+  ``--quick``: model_channels 32, ≈ 10 M) and kohya LoRA files written by ``harness.lora_factory`` into
+  the harness's ``loras`` folder, on every attention projection, ``proj_in``/``proj_out`` and
+  feed-forward layer: 3 LoRAs at rank 16, 3 at rank 64 and one at rank 128.
+* Sampling: euler / normal, ``--steps`` steps (default 12), batch 1, latent 64×64 (512 px; ``--quick``:
+  16×16), cfg 5 (cond + uncond: two rows per UNet call), the same seed for every run.
+* One *run* = build the MODEL (or GUIDER) with the nodes / core API, then sample. ComfyUI's model
+  management is reset before every run (``unload_all_models``, untimed), so a method that patches
+  weights pays for it in every run, as on a fresh prompt.
+
+  A. static: ``LoraSetLoad`` (first LoRA) → ``LoraSetApply`` → ``comfy.sample.sample`` (the baseline);
+  B. ``LoraSetSwitch`` (strategy auto = merged), k = 3, τ = switch_every = 5, schedule "paper";
+  C. core hook keyframes: per LoRA j ``comfy.hooks.create_hook_lora(sd_j, 1, 1)`` with a
+     ``HookKeyframeGroup`` giving strength 1 in j's segments and 0 elsewhere; ``start_percent``
+     computed from the actual sigma schedule so each switch lands exactly on its step (checked against
+     ``percent_to_sigma``), ``guarantee_steps=1``; all hooks combined (``HookGroup.combine_all_hooks``)
+     on both conds; ``comfy.sample.sample`` on the base model;
+  D. core hook-group guider: a ``CFGGuider`` subclass holding cond sets p_j/n_j, each tagged with LoRA
+     j's hook group, whose ``predict_noise`` picks j = (i // τ) % k from the step (i = last
+     ``sample_sigmas`` entry ≥ σ) and calls ``comfy.samplers.sampling_function``; ``guider.sample``;
+  E. ``LoraSetSwitch`` with strategy "unmerged" (k = 3);
+  F/G/H. ``LoraSetSwitch`` with a ONE-entry set (one LoRA on all rows), strategy unmerged vs merged, at
+     ranks 16 / 64 / 128, with the FLOP ratio that explains the overhead: per patched layer the
+     adapter adds 2·r·(in+out)·tokens FLOPs (the layer itself is 2·in·out·tokens); summed over the
+     patched layers and divided by the whole UNet's FLOPs, counted with
+     ``torch.utils.flop_counter.FlopCounterMode`` on one forward (CPU flash attention included).
+
+* One warm-up round, then ``--repeats`` rounds (default 4); each round runs every method once, in
+  the order A B C D E (rank 16), A B C D E (rank 64), then merged/unmerged per rank of F/G/H; medians
+  are reported. Correctness guard (from the warm-up outputs, i.e. before any timing): B must equal D
+  within 1e-4 relative (max abs difference over max abs value), else a warning is printed; C vs D,
+  E vs B and unmerged vs merged are printed as well.
+* Peak memory (A, B, C, D at the first rank, unless ``--no-memory``): each method runs once in a fresh
+  child process of this script (hidden ``--child``); the number is its ``ru_maxrss`` minus that of a
+  child that only builds the model and loads the LoRAs (core's state dicts and the pack's file cache).
+* If B misses a target (or with ``--profile``), one B run is profiled with cProfile and the time spent
+  in the step probe, ``MergedSwapper.activate``/``restore``, the nodes, model loading and the UNet is
+  printed.
+
+Attention: ``--attention pytorch`` (default) makes ComfyUI use torch SDPA, as it does on NVIDIA GPUs
+(``--use-pytorch-cross-attention``); ``--attention comfy`` keeps ComfyUI's CPU default (sub-quadratic
+attention, about 2× slower here). torch runs on ``--threads`` CPU threads (default 2).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
+
+from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
+from harness.node_calls import call_node  # noqa: E402
+
+# Model layout and LoRA targets: the same as bench/bench_apply.py (duplicated, not shared: that script is
+# being edited separately). SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels,
+# conv proj_in/out), only narrower; comfy's UNetModel pops one transformer_depth entry per input res
+# block and one transformer_depth_output entry per output block, exactly like the real SD1.5 config.
+SD15_LAYOUT = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               "transformer_depth_middle": 1, "context_dim": 768, "image_size": 64}
+TARGET_MARKERS = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn1.to_out.0.",
+                  ".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0.",
+                  ".proj_in.", ".proj_out.", ".ff.net.0.proj.", ".ff.net.2.")
+MODEL_CHANNELS = {"default": 96, "quick": 32}
+LATENT = {"default": 64, "quick": 16}
+STEPS = {"default": 12, "quick": 6}
+REPEATS = {"default": 4, "quick": 2}
+RANKS = (16, 64)  # main comparison (A–E)
+UNMERGED_RANKS = (16, 64, 128)  # F/G/H
+K = 3  # LoRAs in the switched set
+EVERY = 5  # τ
+CFG = 5.0
+SEED = 1234
+SAMPLER, SCHEDULER = "euler", "normal"
+TARGET_B_OVER_A = 1.05
+TARGET_B_OVER_CORE = 0.80
+MATCH_REL = 1e-4
+
+METHODS = {  # key → label
+    "A": "A static LoraSetApply (1st LoRA)",
+    "B": "B LoraSetSwitch merged (auto)",
+    "C": "C core hook keyframes",
+    "D": "D core hook-group guider",
+    "E": "E LoraSetSwitch unmerged",
+}
+
+
+def lora_targets(model_sd: dict) -> list[str]:
+    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
+            and any(m in k for m in TARGET_MARKERS)]
+
+
+def freeze_gc() -> None:
+    """Move start-up objects out of the collector's reach; every run starts with a cheap ``gc.collect()``."""
+    gc.collect()
+    gc.freeze()
+
+
+def fmt_row(cells, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def model_config(args) -> dict:
+    return dict(SD15_LAYOUT, model_channels=args.model_channels)
+
+
+def lora_name(rank: int, index: int) -> str:
+    return f"bench_switch_r{rank}_{index}.safetensors"
+
+
+def lora_names(rank: int, count: int = K) -> list[str]:
+    return [lora_name(rank, i) for i in range(count)]
+
+
+def write_loras(model_sd: dict, loras_dir: Path, ranks, unmerged_ranks) -> list[str]:
+    """K files per main rank, one per rank only used by the one-entry table; kohya keys, alpha = rank / 2."""
+    targets = lora_targets(model_sd)
+    for rank in sorted(set(ranks) | set(unmerged_ranks)):
+        for i in range(K if rank in ranks else 1):
+            lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=rank, alpha=rank / 2, seed=1000 * rank + i)
+            lora.save(loras_dir / lora_name(rank, i))
+    return targets
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+_GUIDER_CLASS = None
+
+
+def hook_switch_guider_class():
+    """Core per-step switching with hook groups (internals §4(b)1), built once comfy is importable."""
+    global _GUIDER_CLASS
+    if _GUIDER_CLASS is not None:
+        return _GUIDER_CLASS
+    import comfy.hooks
+    import comfy.samplers
+    import node_helpers
+
+    class HookSwitchGuider(comfy.samplers.CFGGuider):
+        def __init__(self, model_patcher, hook_groups, every, positive, negative, cfg):
+            super().__init__(model_patcher)
+            self.count = len(hook_groups)
+            self.every = every
+            negative = node_helpers.conditioning_set_values(negative, {"prompt_type": "negative"})
+            conds = {}
+            for j, group in enumerate(hook_groups):
+                conds[f"p{j}"] = comfy.hooks.set_hooks_for_conditioning(positive, group)
+                conds[f"n{j}"] = comfy.hooks.set_hooks_for_conditioning(negative, group)
+            self.inner_set_conds(conds)
+            self.set_cfg(cfg)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (core's signature)
+            sample_sigmas = model_options["transformer_options"]["sample_sigmas"]
+            s = float(timestep.reshape(-1)[0])
+            i = int((sample_sigmas >= s - 1e-6 * max(abs(s), 1e-12)).nonzero().max())
+            j = (i // self.every) % self.count
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds[f"n{j}"],
+                                                    self.conds[f"p{j}"], self.cfg, model_options=model_options,
+                                                    seed=seed)
+
+    _GUIDER_CLASS = HookSwitchGuider
+    return HookSwitchGuider
+
+
+class Methods:
+    """Every method as one full run: build the MODEL/GUIDER, sample, return the latent."""
+
+    def __init__(self, env, model, args, loras_dir: Path):
+        import comfy.model_management as mm
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        self.env = env
+        self.mm = mm
+        self.model = model
+        self.steps = args.steps
+        self.every = args.every
+        self.loras_dir = loras_dir
+        self.ms = model.get_model_object("model_sampling")
+        self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
+        side = args.latent
+        self.latent = torch.zeros(1, 4, side, side)
+        self.noise = comfy.sample.prepare_noise(self.latent, SEED)
+        g = torch.Generator().manual_seed(7)
+        context_dim = SD15_LAYOUT["context_dim"]
+        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+        self.negative = [[torch.randn(1, 77, context_dim, generator=g) * 0.5, {}]]
+        self._lora_sd: dict[str, dict] = {}
+        self.percents = [self.keyframe_percent(s) for s in range(self.steps)]
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def lora_sd(self, name: str) -> dict:
+        """Core's LoRA state dict, loaded once and kept (as core's LoraLoader/CreateHookLora nodes keep it)."""
+        import comfy.utils
+
+        if name not in self._lora_sd:
+            self._lora_sd[name] = comfy.utils.load_torch_file(str(self.loras_dir / name), safe_load=True)
+        return self._lora_sd[name]
+
+    def warm_pack_cache(self, names) -> None:
+        for entry in self.lora_set(names):
+            entry.tensors()
+
+    @staticmethod
+    def lora_set(names):
+        s = None
+        for name in names:
+            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
+        return s
+
+    def keyframe_percent(self, step: int) -> float:
+        """A start_percent whose sigma lies in [σ_step, σ_step-1): the keyframe takes over exactly at ``step``."""
+        import torch
+
+        if step == 0:
+            return 0.0
+        hi, lo = float(self.sigmas[step - 1]), float(self.sigmas[step])
+
+        def inside(p):
+            s = self.ms.percent_to_sigma(p)
+            return lo <= s < hi
+
+        mid = math.sqrt(hi * lo) if lo > 0 else hi / 2
+        p = 1.0 - float(self.ms.timestep(torch.tensor(mid))) / 999.0  # internals §1.9 (discrete models)
+        if inside(p):
+            return p
+        a, b = 0.0, 1.0  # percent_to_sigma decreases with p: bisect for a sigma inside the interval
+        for _ in range(60):
+            p = (a + b) / 2
+            s = self.ms.percent_to_sigma(p)
+            if s >= hi:
+                a = p
+            elif s < lo:
+                b = p
+            else:
+                return p
+        raise RuntimeError(f"no keyframe percent puts step {step} between sigmas {lo} and {hi}")
+
+    def sample(self, model, positive, negative):
+        import comfy.sample
+
+        return comfy.sample.sample(model, self.noise, self.steps, CFG, SAMPLER, SCHEDULER, positive, negative,
+                                   self.latent, disable_pbar=True, seed=SEED)
+
+    # -- the methods -----------------------------------------------------------------------------
+    def static(self, names):
+        (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(names[:1]))
+        return self.sample(patched, self.positive, self.negative)
+
+    def switch(self, names, strategy):
+        (switched, _clip, _report) = call_node("LoraSetSwitch", model=self.model, lora_set=self.lora_set(names),
+                                               switch_every=self.every, schedule="paper", strategy=strategy)
+        return self.sample(switched, self.positive, self.negative)
+
+    def keyframes(self, names):
+        import comfy.hooks
+
+        starts = list(range(0, self.steps, self.every))
+        groups = []
+        for j, name in enumerate(names):
+            group = comfy.hooks.create_hook_lora(self.lora_sd(name), 1.0, 1.0)
+            kf = comfy.hooks.HookKeyframeGroup()
+            for s in starts:
+                active = (s // self.every) % len(names)
+                kf.add(comfy.hooks.HookKeyframe(strength=1.0 if active == j else 0.0,
+                                                start_percent=self.percents[s], guarantee_steps=1))
+            group.set_keyframes_on_hooks(kf)
+            groups.append(group)
+        hooks = comfy.hooks.HookGroup.combine_all_hooks(groups)
+        positive = comfy.hooks.set_hooks_for_conditioning(self.positive, hooks)
+        negative = comfy.hooks.set_hooks_for_conditioning(self.negative, hooks)
+        return self.sample(self.model, positive, negative)
+
+    def guider(self, names):
+        import comfy.hooks
+        import comfy.samplers
+
+        groups = [comfy.hooks.create_hook_lora(self.lora_sd(name), 1.0, 1.0) for name in names]
+        guider = hook_switch_guider_class()(self.model, groups, self.every, self.positive, self.negative, CFG)
+        out = guider.sample(self.noise, self.latent, comfy.samplers.sampler_object(SAMPLER), self.sigmas,
+                            denoise_mask=None, callback=None, disable_pbar=True, seed=SEED)
+        return out.to(self.mm.intermediate_device())
+
+    def run(self, method: str, rank: int):
+        """One run of a main-table method at ``rank``."""
+        names = lora_names(rank)
+        if method == "A":
+            return self.static(names)
+        if method == "B":
+            return self.switch(names, "auto")
+        if method == "C":
+            return self.keyframes(names)
+        if method == "D":
+            return self.guider(names)
+        if method == "E":
+            return self.switch(names, "unmerged")
+        raise ValueError(method)
+
+    def run_one_entry(self, strategy: str, rank: int):
+        return self.switch(lora_names(rank, 1), strategy)
+
+    def timed(self, fn, *a):
+        self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
+        gc.collect()
+        t0 = time.perf_counter()
+        out = fn(*a)
+        return time.perf_counter() - t0, out
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+def count_flops(model, methods: Methods, targets: list[str]):
+    """(UNet FLOPs of one forward with cond+uncond rows, per-layer (in, out, tokens), seconds of one forward)."""
+    import comfy.utils
+    import torch
+    from torch.utils import flop_counter
+
+    dm = model.model.diffusion_model
+    side = methods.latent.shape[-1]
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(3))
+    t = torch.full((2,), 500.0)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]])
+    layers: dict[str, tuple[int, int, int]] = {}
+    handles = []
+    for key in targets:
+        path = key[:-len(".weight")]
+        module = comfy.utils.get_attr(model.model, path)
+
+        def record(mod, inputs, output, path=path):
+            if isinstance(mod, torch.nn.Conv2d):
+                if mod.kernel_size != (1, 1):
+                    raise RuntimeError(f"{path}: only linear and 1×1 conv targets are counted analytically")
+                tokens = output.shape[0] * output.shape[2] * output.shape[3]
+                layers[path] = (mod.in_channels, mod.out_channels, tokens)
+            else:
+                layers[path] = (mod.in_features, mod.out_features, inputs[0].numel() // mod.in_features)
+
+        handles.append(module.register_forward_hook(record))
+    custom = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:  # not in torch's table: count it like the other SDPA kernels
+        def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+        custom[cpu_flash] = cpu_sdpa_flop
+    try:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=custom) as counter:
+            dm(x, t, context=context)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        dm(x, t, context=context)
+        seconds = time.perf_counter() - t0
+    return counter.get_total_flops(), layers, seconds
+
+
+def lora_flops(layers: dict, rank: int) -> int:
+    return sum(2 * rank * (i + o) * n for i, o, n in layers.values())
+
+
+def layer_flops(layers: dict) -> int:
+    return sum(2 * i * o * n for i, o, n in layers.values())
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+def child_main(args) -> None:
+    """One method run in a fresh process (or only the setup, for ``baseline``); prints one JSON line."""
+    env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    methods = Methods(env, model, args, Path(args.models_dir) / "loras")
+    names = lora_names(args.rank)
+    for name in names:
+        methods.lora_sd(name)
+    methods.warm_pack_cache(names)
+    freeze_gc()
+    if args.child != "baseline":
+        methods.run(args.child, args.rank)
+    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print("CHILD_RESULT " + json.dumps(result), flush=True)
+
+
+def child_command(args, method: str, rank: int, models_dir: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--rank", str(rank),
+           "--models-dir", str(models_dir), "--threads", str(args.threads), "--attention", args.attention,
+           "--steps", str(args.steps), "--every", str(args.every), "--latent", str(args.latent),
+           "--model-channels", str(args.model_channels)]
+    return cmd + (["--quick"] if args.quick else [])
+
+
+def spawn_child(args, method: str, rank: int, models_dir: Path) -> int:
+    out = subprocess.run(child_command(args, method, rank, models_dir), capture_output=True, text=True,
+                         env=os.environ.copy())
+    for line in out.stdout.splitlines():
+        if line.startswith("CHILD_RESULT "):
+            return json.loads(line[len("CHILD_RESULT "):])["ru_maxrss"]
+    raise RuntimeError(f"child {method} rank {rank} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+
+
+def measure_memory(args, rank: int, models_dir: Path) -> dict[str, int]:
+    """Peak RSS above the model-only baseline, bytes, per method; two children at a time."""
+    jobs = ["baseline", "A", "B", "C", "D"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = dict(zip(jobs, pool.map(lambda m: spawn_child(args, m, rank, models_dir), jobs)))
+    return {m: peaks[m] - peaks["baseline"] for m in jobs[1:]}
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+PROFILE_POINTS = (  # (label, file suffix, function name)
+    ("whole run: comfy.sample.sample", "comfy/sample.py", "sample"),
+    ("LoraSetLoad ×3 (nodes)", "nodes/ui/loading.py", "load"),
+    ("LoraSetSwitch node (resolve set, attach)", "nodes/ui/composition.py", "switch"),
+    ("load_models_gpu", "comfy/model_management.py", "load_models_gpu"),
+    ("SAMPLER_SAMPLE wrapper (everything in the run)", "nodes/runtime/binding.py", "sampler_sample"),
+    ("  step probe (probe_steps)", "nodes/runtime/step_tracker.py", "probe_steps"),
+    ("  MergedSwapper.__init__", "nodes/runtime/merged_swap.py", "__init__"),
+    ("  MergedSwapper.activate (all swaps)", "nodes/runtime/merged_swap.py", "activate"),
+    ("    comfy.lora.calculate_weight", "comfy/lora.py", "calculate_weight"),
+    ("  MergedSwapper.restore", "nodes/runtime/merged_swap.py", "restore"),
+    ("  PREDICT_NOISE wrapper (incl. UNet)", "nodes/runtime/binding.py", "predict_noise"),
+    ("  UNet forward (UNetModel._forward)", "comfy/ldm/modules/diffusionmodules/openaimodel.py", "_forward"),
+)
+
+
+def profile_switch(methods: Methods, rank: int) -> None:
+    methods.mm.unload_all_models()
+    gc.collect()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    methods.run("B", rank)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof)
+    print(f"\n=== cProfile of one B run (LoraSetSwitch merged, rank {rank}): {wall:.2f} s under the profiler ===")
+    print("where the time goes (cumulative seconds, calls):")
+    for label, suffix, func in PROFILE_POINTS:
+        hits = [(v[3], v[1]) for (path, _line, name), v in stats.stats.items()
+                if name == func and path.replace(os.sep, "/").endswith(suffix)]
+        if hits:
+            ct = max(h[0] for h in hits)  # one definition per file; max guards against duplicates
+            calls = sum(h[1] for h in hits)
+            print(f"  {label:<50} {ct:8.3f} s  {calls:5d} calls  ({100 * ct / wall:5.1f} %)")
+        else:
+            print(f"  {label:<50}      n/a")
+    print("\ntop 25 by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(25)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def relative_difference(a, b) -> float:
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+
+def setup_process(threads: int, attention: str) -> None:
+    """Quiet ComfyUI's start-up, pin torch threads, and choose the attention before comfy is imported."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import torch
+
+    torch.set_num_threads(threads)
+    if attention == "pytorch":
+        root = comfy_env.locate_comfyui()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.use_pytorch_cross_attention = True
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: ≈10 M-parameter model, latent 16×16, 6 steps, τ = 2, 2 repeats")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 12; --quick: 6)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (default 4; --quick: 2)")
+    p.add_argument("--every", type=int, default=None, help="τ = switch_every (default 5; --quick: 2)")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default 64 = 512 px; --quick: 16)")
+    p.add_argument("--model-channels", type=int, default=None, help="UNet model_channels (default 96; --quick: 32)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
+                   help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--no-unmerged-table", action="store_true", help="skip F/G/H (one-entry unmerged vs merged)")
+    p.add_argument("--profile", action="store_true", help="always cProfile one B run (default: only on a missed target)")
+    p.add_argument("--child", choices=("baseline", "A", "B", "C", "D"), help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=RANKS[0], help=argparse.SUPPRESS)
+    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    mode = "quick" if args.quick else "default"
+    args.steps = args.steps or STEPS[mode]
+    args.repeats = args.repeats or REPEATS[mode]
+    args.every = args.every or (2 if args.quick else EVERY)
+    args.latent = args.latent or LATENT[mode]
+    args.model_channels = args.model_channels or MODEL_CHANNELS[mode]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    setup_process(args.threads, args.attention)
+    if args.child:
+        child_main(args)
+        return
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-switch-"))
+    models_dir = work / "models"
+    env = comfy_env.start(models_dir=models_dir, quiet=False)
+    import comfy.ldm.modules.attention as comfy_attention
+    import torch
+
+    print(f"LoRA Switch benchmark — ComfyUI {env.version} ({env.describe()})")
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
+    model_sd = model.model.state_dict()
+    unmerged_ranks = () if args.no_unmerged_table else UNMERGED_RANKS
+    targets = write_loras(model_sd, models_dir / "loras", RANKS, unmerged_ranks)
+    target_params = sum(model_sd[k].numel() for k in targets)
+    del model_sd
+    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters; "
+          f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters: attention q/k/v/out, "
+          f"proj_in/out, ff)")
+    print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
+          f"({args.latent * 8} px), cfg {CFG:g} (cond+uncond = 2 rows per UNet call), seed {SEED}; "
+          f"Switch: k = {K}, τ = {args.every}, schedule paper")
+    print(f"LoRAs: kohya, alpha = rank/2, {K} at each rank {RANKS}" +
+          (f", 1 at rank {[r for r in unmerged_ranks if r not in RANKS]}" if unmerged_ranks else ""))
+
+    methods = Methods(env, model, args, models_dir / "loras")
+    for rank in RANKS:
+        for name in lora_names(rank):
+            methods.lora_sd(name)
+    flops, layers, fwd_seconds = count_flops(model, methods, targets)
+    print(f"UNet FLOPs per call (2 rows, FlopCounterMode): {flops / 1e9:.1f} GFLOP; the {len(layers)} target layers "
+          f"account for {layer_flops(layers) / 1e9:.1f} GFLOP; one UNet call took {fwd_seconds:.2f} s")
+    print(f"keyframe start_percent per switch step (C): "
+          + ", ".join(f"step {s}: {methods.percents[s]:.4f}" for s in range(args.every, args.steps, args.every)))
+    configs = [("main", m, r) for r in RANKS for m in METHODS]
+    configs += [("one", s, r) for r in unmerged_ranks for s in ("merged", "unmerged")]
+    eta = (args.repeats + 1) * len(configs) * args.steps * fwd_seconds
+    print(f"{len(configs)} runs per round, {args.repeats} timed rounds + 1 warm-up: "
+          f"estimated ≥ {eta / 60:.1f} min for the timings (UNet calls only)", flush=True)
+
+    freeze_gc()
+    times: dict[tuple, list[float]] = {}
+    warm_outputs: dict[tuple, object] = {}
+    for rnd in range(args.repeats + 1):  # round 0 is the warm-up
+        for cfg in configs:
+            kind, what, rank = cfg
+            if kind == "main":
+                seconds, out = methods.timed(methods.run, what, rank)
+            else:
+                seconds, out = methods.timed(methods.run_one_entry, what, rank)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            check_outputs(warm_outputs, unmerged_ranks)
+        else:
+            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+    methods.mm.unload_all_models()
+
+    memory = {} if args.no_memory else measure_memory(args, RANKS[0], models_dir)
+
+    med = {cfg: statistics.median(v) for cfg, v in times.items()}
+    print()
+    print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "
+          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed)")
+    widths = (34, 8, 8, 8, 11)
+    missed = False
+    for rank in RANKS:
+        a = med[("main", "A", rank)]
+        print()
+        print(f"rank {rank}, k = {K}, τ = {args.every}")
+        print(fmt_row(("method", "median", "min", "vs A", "extra vs A"), widths))
+        for m, label in METHODS.items():
+            v = med[("main", m, rank)]
+            print(fmt_row((label, f"{v:.3f}", f"{min(times[('main', m, rank)]):.3f}", f"{v / a:.3f}",
+                           f"{v - a:+.3f}"), widths))
+        b, c, d = (med[("main", m, rank)] for m in "BCD")
+        ba, bc, bd = b / a, b / c, b / d
+        bcore = b / min(c, d)
+        ok_a, ok_core = ba <= TARGET_B_OVER_A, bcore <= TARGET_B_OVER_CORE
+        missed |= not (ok_a and ok_core)
+        print(f"  B/A = {ba:.3f} (target ≤ {TARGET_B_OVER_A:.2f}): {'OK' if ok_a else 'MISSED'}")
+        print(f"  B/C = {bc:.3f}, B/D = {bd:.3f}, B/min(C, D) = {bcore:.3f} (target ≤ {TARGET_B_OVER_CORE:.2f}): "
+              f"{'OK' if ok_core else 'MISSED'}")
+        extra_core = min(c, d) - a
+        print(f"  switching cost above A: B {b - a:+.3f} s, C {c - a:+.3f} s, D {d - a:+.3f} s"
+              + (f"; B's / min(C, D)'s = {(b - a) / extra_core:.2f}" if extra_core > 0 else ""))
+
+    if unmerged_ranks:
+        print()
+        print("Unmerged runtime, one LoRA on all rows vs merged (LoraSetSwitch with a one-entry set), seconds per run;")
+        print("FLOP ratio = (UNet + adapter FLOPs) / UNet FLOPs per UNet call, adapter FLOPs = Σ 2·r·(in+out)·tokens "
+              "over the patched layers")
+        uw = (6, 8, 9, 16, 15, 14, 11)
+        print(fmt_row(("rank", "merged", "unmerged", "unmerged/merged", "adapter GFLOP", "UNet GFLOP", "FLOP ratio"),
+                      uw))
+        for rank in unmerged_ranks:
+            mg, um = med[("one", "merged", rank)], med[("one", "unmerged", rank)]
+            lf = lora_flops(layers, rank)
+            print(fmt_row((rank, f"{mg:.3f}", f"{um:.3f}", f"{um / mg:.3f}", f"{lf / 1e9:.2f}", f"{flops / 1e9:.1f}",
+                           f"{1 + lf / flops:.3f}"), uw))
+
+    if memory:
+        print()
+        print(f"Peak RSS above the model-only baseline (fresh child process per method, ru_maxrss; rank {RANKS[0]}), MiB")
+        for m in "ABCD":
+            print(fmt_row((METHODS[m], f"{memory[m] / 2**20:.1f}"), (34, 9)))
+
+    print()
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    if args.profile or missed:
+        if missed:
+            print("B missed a target: profiling one B run")
+        profile_switch(methods, RANKS[0])
+
+
+def check_outputs(outputs: dict, unmerged_ranks) -> None:
+    """Correctness guard on the warm-up outputs (same seed and schedule for every method)."""
+    import torch
+
+    for cfg, out in outputs.items():
+        if not torch.isfinite(out).all():
+            print(f"WARNING: {cfg} produced non-finite values")
+    for rank in RANKS:
+        o = {m: outputs[("main", m, rank)] for m in METHODS}
+        bd = relative_difference(o["B"], o["D"])
+        line = (f"check rank {rank}: B vs D rel. diff {bd:.2e} (guard ≤ {MATCH_REL:g}); C vs D {relative_difference(o['C'], o['D']):.2e}; "
+                f"E vs B {relative_difference(o['E'], o['B']):.2e}; B vs A {relative_difference(o['B'], o['A']):.2e} "
+                "(must differ: the LoRAs switch)")
+        print(line)
+        if not bd <= MATCH_REL:
+            print(f"WARNING: rank {rank}: B (LoraSetSwitch) and D (core hook-group guider) differ by {bd:.2e} relative "
+                  f"> {MATCH_REL:g}: the timings do not compare the same computation")
+        cd = relative_difference(o["C"], o["D"])
+        if not cd <= MATCH_REL:
+            print(f"WARNING: rank {rank}: C (core keyframes) and D differ by {cd:.2e} relative > {MATCH_REL:g}: "
+                  "the keyframes do not switch on the same steps")
+    for rank in unmerged_ranks:
+        d = relative_difference(outputs[("one", "unmerged", rank)], outputs[("one", "merged", rank)])
+        print(f"check one-entry rank {rank}: unmerged vs merged rel. diff {d:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Repeat one model call's batch m times (one copy per mixture component) and fold the outputs back.
+
+Everything batch-shaped is repeated component-major (rows [c0: B rows][c1: B rows]…): the latent,
+sigmas, text conditioning, concat latents, ControlNet residuals and extra conds such as SDXL's ``y``;
+``cond_or_uncond``/``uuids`` lists in ``transformer_options`` are repeated too, so attention patches
+that split the batch by them keep seeing a consistent layout.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def repeat_rows(value, batch: int, m: int):
+    """Repeat every tensor whose first dim is ``batch`` (recursing into lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return value.repeat(m, *([1] * (value.ndim - 1)))
+        return value
+    if isinstance(value, dict):
+        return {k: repeat_rows(v, batch, m) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repeat_rows(v, batch, m) for v in value]
+    if isinstance(value, tuple):
+        return tuple(repeat_rows(v, batch, m) for v in value)
+    return value
+
+
+def repeat_transformer_options(options: dict, batch: int, m: int) -> dict:
+    out = dict(options)
+    for name in ("cond_or_uncond", "uuids"):
+        if isinstance(out.get(name), list):
+            out[name] = out[name] * m
+    if isinstance(out.get("sigmas"), torch.Tensor):
+        out["sigmas"] = repeat_rows(out["sigmas"], batch, m)
+    return out
+
+
+def expand_call(args: tuple, kwargs: dict, m: int) -> tuple[tuple, dict]:
+    """APPLY_MODEL arguments ``(x, t, c_concat, c_crossattn, control, transformer_options, **kw)`` × m."""
+    x = args[0]
+    batch = x.shape[0]
+    expanded = []
+    for index, value in enumerate(args):
+        if index == 5 and isinstance(value, dict):
+            expanded.append(repeat_transformer_options(value, batch, m))
+        else:
+            expanded.append(repeat_rows(value, batch, m))
+    new_kwargs = {}
+    for name, value in kwargs.items():
+        if name == "transformer_options" and isinstance(value, dict):
+            new_kwargs[name] = repeat_transformer_options(value, batch, m)
+        else:
+            new_kwargs[name] = repeat_rows(value, batch, m)
+    return tuple(expanded), new_kwargs
+
+
+def fold(output: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
+    """Σ_c coefficient_c · output[c-th block of rows]."""
+    m = len(coefficients)
+    blocks = output.reshape(m, output.shape[0] // m, *output.shape[1:])
+    acc = None
+    for c, block in zip(coefficients, blocks):
+        term = block if c == 1.0 else block * c
+        acc = term if acc is None else acc + term
+    return acc

@@ -1,0 +1,293 @@
+"""LoRA Composite and AutoLoRA against independent references.
+
+The references never touch the adapter runtime: each LoRA is baked into its *own* copy of the tiny
+UNet with ComfyUI's ``calculate_weight`` (core patching math), and a plain ``CFGGuider`` subclass
+runs ComfyUI's ``sampling_function`` (CFG per model) on each copy, then averages (Composite) or
+blends (AutoLoRA) — the formulas of algorithms.md §1.4 and §2.2 taken literally. fp32; latents equal
+within 1e-5 relative (the order of the averaging and of CFG differs, so not bitwise).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node
+from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
+
+REL = 1e-5
+SEED_MODEL = 91
+
+
+@pytest.fixture(scope="module")
+def setup(env):
+    model, clip = build_unet("sd15", seed=SEED_MODEL), build_sd15_clip(seed=92)
+    sd = model.model.state_dict()
+    names = []
+    for i, kinds in enumerate([("attn", "proj"), ("attn", "ff"), ("attn", "conv3")]):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, kinds), "kohya", rank=2 + i, alpha=1.0, seed=100 + i)
+        for key in lora.tensors:
+            if key.endswith("lora_up.weight"):
+                lora.tensors[key] = lora.tensors[key] * 8
+        lora.save(env.models_dir / "loras" / f"cp_{i}.safetensors")
+        names.append(f"cp_{i}.safetensors")
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return model, names, pos, neg
+
+
+def lora_set(names, strengths=None):
+    s = None
+    for i, name in enumerate(names):
+        (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=strengths[i] if strengths else 1.0,
+                         strength_clip=1.0, lora_set=s)
+    return s
+
+
+def baked(env, lora_set_or_none):
+    """An independent copy of the tiny UNet with the set's patches baked in by core math."""
+    import comfy.lora
+    import comfy.utils
+
+    copy = build_unet("sd15", seed=SEED_MODEL)
+    if lora_set_or_none is not None:
+        patching = env.engine("nodes.patching")
+        lists: dict = {}
+        for e, p in patching.resolve_set(copy, None, lora_set_or_none):
+            for k, v in patching.model_patch_lists(e, p).items():
+                lists.setdefault(k, []).extend(v)
+        for key, plist in lists.items():
+            w = comfy.utils.get_attr(copy.model, key)
+            comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
+    copy.model.current_patcher = copy  # what ModelPatcher sets when it loads a model; calc_cond_batch reads it
+    return copy.model
+
+
+def reference_guider(model, models_and_weights, cfgs, pos, neg, cfg):
+    import comfy.samplers
+
+    class Reference(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            acc = 0
+            for (m, w), c in zip(models_and_weights, cfgs):
+                acc = acc + w * comfy.samplers.sampling_function(m, x, timestep, self.conds.get("negative"),
+                                                                 self.conds.get("positive"), c,
+                                                                 model_options=model_options, seed=seed)
+            return acc
+
+    g = Reference(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return g
+
+
+def sample_guider(guider, sampler_name="euler", steps=4, seed=3):
+    import comfy.sample
+    import comfy.samplers
+
+    latent = torch.zeros(1, 4, 8, 8)
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    return guider.sample(comfy.sample.prepare_noise(latent, seed), latent, comfy.samplers.sampler_object(sampler_name),
+                         sigmas, disable_pbar=True, seed=seed)
+
+
+def sample_model(model, pos, neg, cfg, sampler_name="euler", steps=4, seed=3):
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    return sample_guider(g, sampler_name, steps, seed)
+
+
+def close(a, b, rel=REL):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+# --- Composite ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+@pytest.mark.parametrize("sampler_name", ["euler", "heun"])
+def test_composite_equals_average_of_guided_scores(env, setup, cfg, sampler_name):
+    model, names, pos, neg = setup
+    strengths = [1.0, 0.8, -0.6]
+    s = lora_set(names, strengths)
+    comp = call_node("LoraSetComposite", model=model, lora_set=s)[0]
+    got = sample_model(comp, pos, neg, cfg, sampler_name)
+    refs = [(baked(env, lora_set([n], [st])), 1 / 3) for n, st in zip(names, strengths)]
+    want = sample_guider(reference_guider(model, refs, [cfg] * 3, pos, neg, cfg), sampler_name)
+    assert close(got, want), (got - want).abs().max().item()
+    merge_like = sample_model(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg, cfg, sampler_name)
+    assert not close(got, merge_like, rel=20 * REL), "Composite must differ from Merge well beyond the tolerance"
+
+
+def test_composite_weights_are_normalised(env, setup):
+    model, names, pos, neg = setup
+    s = lora_set(names[:2])
+    comp = call_node("LoraSetComposite", model=model, lora_set=s, entry_weights="1, 3")[0]
+    got = sample_model(comp, pos, neg, 4.0)
+    refs = [(baked(env, lora_set([names[0]])), 0.25), (baked(env, lora_set([names[1]])), 0.75)]
+    assert close(got, sample_guider(reference_guider(model, refs, [4.0] * 2, pos, neg, 4.0)))
+
+
+def test_composite_of_one_equals_plain_lora_exactly(env, setup):
+    model, names, pos, neg = setup
+    s = lora_set(names[:1], [0.7])
+    a = sample_model(call_node("LoraSetComposite", model=model, lora_set=s)[0], pos, neg, 4.0)
+    b = sample_model(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg, 4.0)
+    assert torch.equal(a, b)
+
+
+def test_composite_batched_equals_sequential_and_splits_to_fit(env, setup):
+    model, names, pos, neg = setup
+    composition = env.engine("nodes.composition")
+    s = lora_set(names, [1.0, 0.5, 0.9])
+    seq = sample_model(call_node("LoraSetComposite", model=model, lora_set=s, strategy="merged")[0], pos, neg, 4.0)
+    m, _, runtime, _ = composition.composite_lora_set(model, None, s, strategy="unmerged")
+    batched = sample_model(m, pos, neg, 4.0)
+    assert close(batched, seq, rel=1e-4)  # per-row low-rank path vs merged weights: float order differs
+    assert runtime.forwards[-1] == 4, "one batched forward per model call (4 euler steps)"
+    need = None
+
+    def one_component_free(device):  # simulate a GPU whose free memory fits one copy of the batch
+        return need * 1.6
+
+    m2, _, runtime2, _ = composition.composite_lora_set(model, None, s, strategy="unmerged",
+                                                        free_memory=one_component_free)
+    need = model.model.memory_required([2, 4, 8, 8]) * 1.5
+    split = sample_model(m2, pos, neg, 4.0)
+    assert close(split, batched, rel=1e-5) and runtime2.forwards[-1] == 4 * 3, "split into one LoRA per forward"
+    m3, _, _, _ = composition.composite_lora_set(model, None, s, strategy="unmerged", free_memory=lambda d: 1.0)
+    with pytest.raises(MemoryError, match="even one LoRA's batch"):
+        sample_model(m3, pos, neg, 4.0)
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
+
+
+def test_composite_bad_input(env, setup):
+    model, names, pos, neg = setup
+    with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):
+        call_node("LoraSetComposite", model=model, lora_set=lora_set(names), entry_weights="2")
+    with pytest.raises(ValueError, match="non-negative"):
+        call_node("LoraSetComposite", model=model, lora_set=lora_set(names), entry_weights="1, -1, 1")
+    with pytest.raises(ValueError, match="lora_set is empty"):
+        call_node("LoraSetComposite", model=model, lora_set=env.engine("nodes.lora_set").LoraSet())
+
+
+# --- AutoLoRA -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_autolora_gamma_one_and_zero_are_exact(env, setup, strategy):
+    model, names, pos, neg = setup
+    s = lora_set(names[:2], [0.9, 0.6])
+    plain_lora = sample_model(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg, 4.0)
+    plain_base = sample_model(model, pos, neg, 4.0)
+    g1 = sample_model(call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=1.0, strategy=strategy)[0],
+                      pos, neg, 4.0)
+    g0 = sample_model(call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=0.0, strategy=strategy)[0],
+                      pos, neg, 4.0)
+    if strategy == "merged":
+        assert torch.equal(g1, plain_lora) and torch.equal(g0, plain_base)
+    else:  # unmerged adds the low-rank product to the output instead of the weight
+        assert close(g1, plain_lora, 1e-4) and torch.equal(g0, plain_base)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.7, -0.4])
+def test_autolora_model_form_equals_blend_of_guided_branches(env, setup, gamma):
+    model, names, pos, neg = setup
+    s = lora_set(names[:2], [0.9, 0.6])
+    got = sample_model(call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=gamma)[0], pos, neg, 4.0)
+    refs = [(baked(env, None), 1 - gamma), (baked(env, s), gamma)]
+    want = sample_guider(reference_guider(model, refs, [4.0, 4.0], pos, neg, 4.0))
+    assert close(got, want), (got - want).abs().max().item()
+
+
+def test_autolora_guider_separate_cfg(env, setup):
+    model, names, pos, neg = setup
+    s = lora_set(names[:2], [0.9, 0.6])
+    (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0,
+                          cfg_lora=6.0, gamma=0.6)
+    got = sample_guider(guider)
+    refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
+    want = sample_guider(reference_guider(model, refs, [3.0, 6.0], pos, neg, 6.0))
+    assert close(got, want), (got - want).abs().max().item()
+    (g1,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0,
+                      cfg_lora=6.0, gamma=1.0)
+    assert torch.equal(sample_guider(g1), sample_model(call_node("LoraSetApply", model=model, lora_set=s)[0],
+                                                        pos, neg, 6.0))
+
+
+def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
+    model, names, pos, neg = setup
+    s = lora_set(names[:1])
+    (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=5.0,
+                          cfg_lora=5.0, gamma=0.3, mix="blend-then-cfg")
+    model_form = sample_model(call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=0.3)[0], pos, neg, 5.0)
+    assert close(sample_guider(guider), model_form)
+
+
+def test_gamma_schedules(env):
+    guidance = env.engine("nodes.guidance")
+    assert [guidance.gamma_at(i, 5, 0.2, 1.0, "constant") for i in range(5)] == [0.2] * 5
+    assert [round(guidance.gamma_at(i, 5, 0.0, 1.0, "linear"), 6) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1.0]
+    cos = [guidance.gamma_at(i, 5, 1.0, 0.0, "cosine") for i in range(5)]
+    assert cos[0] == 1.0 and abs(cos[2] - 0.5) < 1e-12 and abs(cos[4]) < 1e-12
+
+
+def test_autolora_schedule_is_used_per_step(env, setup):
+    """A linear schedule from 0 to 1 over 2 steps: step 0 is the base model, step 1 the LoRA model."""
+    model, names, pos, neg = setup
+    s = lora_set(names[:1])
+    (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=4.0,
+                          cfg_lora=4.0, gamma=0.0, gamma_schedule="linear", gamma_end=1.0)
+    got = sample_guider(guider, steps=2)
+    import comfy.samplers
+
+    base, lora = baked(env, None), baked(env, s)
+
+    class StepwiseReference(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            sigmas = model_options["transformer_options"]["sample_sigmas"]
+            m = base if float(timestep[0]) >= float(sigmas[0]) - 1e-6 else lora
+            return comfy.samplers.sampling_function(m, x, timestep, self.conds.get("negative"),
+                                                    self.conds.get("positive"), 4.0, model_options, seed)
+
+    ref = StepwiseReference(model)
+    ref.set_conds(pos, neg)
+    ref.set_cfg(4.0)
+    assert close(got, sample_guider(ref, steps=2))
+
+
+def test_autolora_bad_input(env, setup, caplog):
+    model, names, pos, neg = setup
+    s = lora_set(names[:1])
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=float("nan"))
+    with caplog.at_level(logging.WARNING):
+        call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=5.0)
+    assert any("outside the documented sensible range" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="gamma_end must be a finite number"):
+        call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=4.0, cfg_lora=4.0,
+                  gamma=0.5, gamma_schedule="linear", gamma_end=float("inf"))
+
+
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
+def test_interrupted_sampling_leaves_model_clean(env, setup, node):
+    model, names, pos, neg = setup
+    import comfy.sample
+    import comfy.samplers
+    before = weights_snapshot(model.model)
+    extra = {"gamma": 0.5} if node == "AutoLoraGuidance" else {}
+    m = call_node(node, model=model, lora_set=lora_set(names[:2]), **extra)[0]
+
+    def interrupt(step, *_):
+        if step == 1:
+            raise KeyboardInterrupt("cancel")
+
+    latent = torch.zeros(1, 4, 8, 8)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+    with pytest.raises(KeyboardInterrupt):
+        comfy.sample.sample_custom(m, comfy.sample.prepare_noise(latent, 1), 4.0, comfy.samplers.sampler_object("euler"),
+                                   sigmas, pos, neg, latent, callback=interrupt, disable_pbar=True, seed=1)
+    assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
