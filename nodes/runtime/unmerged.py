@@ -55,27 +55,37 @@ class UnmergedAdapters:
         self._device_plans: list[LayerPlan] = []
 
     def _hook(self, plan: LayerPlan):
+        caches: dict = {}  # (dtype, device) → factors cast and rank-stacked once per run
+
         def add_adapters(module, inputs, output):
             x = inputs[0]
             rows = x.shape[0]
-            delta = None
+            in_place = output.dtype == x.dtype and not output.requires_grad
+            target = output if in_place else output.float()
             if plan.lowrank:
                 w = self.routing.for_rows(rows, plan.lowrank_columns)
                 if w is not None and bool(w.any()):
-                    delta = lowrank.lowrank_delta(x, plan.lowrank, w, conv=plan.conv)
+                    key = (x.dtype, x.device)
+                    cache = caches.get(key)
+                    if cache is None:
+                        cache = caches[key] = lowrank.build_concat_cache(plan.lowrank, x.dtype, x.device)
+                    if in_place:
+                        lowrank.lowrank_delta(x, plan.lowrank, w, conv=plan.conv, cache=cache, out=target)
+                    else:
+                        target += lowrank.lowrank_delta(x, plan.lowrank, w, conv=plan.conv, cache=cache).float()
             if plan.dense:
                 w = self.routing.for_rows(rows, plan.dense_columns)
                 if w is not None and bool(w.any()):
-                    d = dense_kernels.dense_delta(x, [t.to(x.dtype) for t in plan.dense], w, conv=plan.conv)
-                    delta = d if delta is None else delta + d
+                    target += dense_kernels.dense_delta(x, [t.to(x.dtype) for t in plan.dense], w,
+                                                        conv=plan.conv).to(target.dtype)
             if plan.bias:
                 w = self.routing.for_rows(rows, plan.bias_columns)
                 if w is not None and bool(w.any()):
-                    b = w.to(device=x.device, dtype=x.dtype) @ torch.stack([t.to(x.dtype).reshape(-1) for t in plan.bias])  # [rows, out]
-                    b = b.reshape(rows, -1, *([1] * (output.ndim - 2))) if plan.conv else b.reshape(
-                        rows, *([1] * (output.ndim - 2)), -1)
-                    delta = b if delta is None else delta + b
-            return output if delta is None else output + delta.to(output.dtype)
+                    b = w.to(device=x.device, dtype=target.dtype) @ torch.stack(
+                        [t.to(device=x.device, dtype=target.dtype).reshape(-1) for t in plan.bias])  # [rows, out]
+                    shape = (rows, -1, *([1] * (output.ndim - 2))) if plan.conv else (rows, *([1] * (output.ndim - 2)), -1)
+                    target += b.reshape(shape)
+            return output if in_place else target.to(output.dtype)
         return add_adapters
 
     def install(self, base_model: torch.nn.Module, device) -> None:
