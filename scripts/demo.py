@@ -112,6 +112,9 @@ def write_demo_loras(loras_dir: Path) -> None:
 
 
 def main() -> int:
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine
     env = comfy_env.start()
     import nodes
 

@@ -12,6 +12,12 @@ from harness import comfy_env  # noqa: E402
 
 ENV = comfy_env.start()
 
+# The test models are tiny: one thread is as fast as two and immune to OpenMP spin-waits when the
+# machine is busy (benchmarks in parallel made every small op ~10 ms with two threads).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 def pytest_report_header(config):
     return [f"LoRA Composer tests against {ENV.describe()}"]
