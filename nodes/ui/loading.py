@@ -1,6 +1,10 @@
 """Nodes that build and inspect a LORA_SET: load, stack conversion, block weights, info."""
 from __future__ import annotations
 
+import os
+
+import folder_paths
+
 from ..lora_blocks import PRESETS, parse_block_weights
 from ..lora_info import describe_set
 from ..lora_set import LORA_SET_TYPE, LoraSet, check_strength, file_entry, require_nonempty, with_blocks
@@ -72,7 +76,6 @@ class LoraSetToStack:
     FUNCTION = "convert"
 
     def convert(self, lora_set):
-        import folder_paths
         stack = []
         for entry in require_nonempty(lora_set):
             if entry.path is None:
@@ -81,12 +84,12 @@ class LoraSetToStack:
             if entry.blocks is not None and entry.blocks.label != "all":
                 raise ValueError(f"{entry.name} has block weights ({entry.blocks.describe()}); a LORA_STACK "
                                  "cannot carry them.")
-            stack.append((_relative_lora_name(folder_paths, entry.path), entry.strength_model, entry.strength_clip))
+            stack.append((_relative_lora_name(entry.path), entry.strength_model, entry.strength_clip))
         return (stack,)
 
 
-def _relative_lora_name(folder_paths, path: str) -> str:
-    import os
+def _relative_lora_name(path: str) -> str:
+    """The name the loras combo shows for a file (relative to whichever loras folder holds it)."""
     for base in folder_paths.get_folder_paths("loras"):
         base = os.path.realpath(base)
         real = os.path.realpath(path)
