@@ -189,13 +189,18 @@ def make_dora(model_sd: dict, targets: list[str], rank: int = 4, alpha: float = 
 
 
 def make_te_lora(clip_sd: dict, style: str = "kohya", rank: int = 2, seed: int = 5) -> TinyLora:
-    """Text-encoder LoRA for the tiny SD1 CLIP (``lora_te_…`` kohya or ``text_encoder.…`` diffusers names)."""
+    """Text-encoder LoRA: SD1 (``lora_te_…`` kohya or ``text_encoder.…`` diffusers names) or, with
+    style ``kohya_sdxl``, SDXL's two encoders (``lora_te1_…`` for CLIP-L, ``lora_te2_…`` for CLIP-G)."""
     g = torch.Generator().manual_seed(seed)
     lora = TinyLora(tensors={})
     for key in clip_sd:
         if "encoder.layers." in key and key.endswith((".q_proj.weight", ".fc1.weight")):
-            module = key[len("clip_l.transformer."):-len(".weight")]  # text_model.encoder.layers.0.self_attn.q_proj
-            if style == "kohya":
+            encoder, _, rest = key.partition(".transformer.")
+            module = rest[:-len(".weight")]  # text_model.encoder.layers.0.self_attn.q_proj
+            if style == "kohya_sdxl":
+                prefix = {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}[encoder]
+                name, dn, up = prefix + module.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
+            elif style == "kohya":
                 name, dn, up = "lora_te_" + module.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
             else:
                 name, dn, up = "text_encoder." + module, ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"

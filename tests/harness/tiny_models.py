@@ -66,6 +66,21 @@ def build_sd15_clip(seed: int = 1):
     return clip
 
 
+def build_sdxl_clip(seed: int = 2):
+    """Tiny SDXL text encoders (CLIP-L and CLIP-G). Three layers: SDXL reads the penultimate one."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 3,
+             "projection_dim": 64}
+    clip = comfy.sd.CLIP(
+        target=comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel),
+        model_options={"clip_l_model_config": small, "clip_g_model_config": small})
+    init_weights_(clip.cond_stage_model, seed, scale=0.02)
+    return clip
+
+
 def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -104,3 +104,73 @@ def test_dora_equals_core(env, sd15):
     a, b = patched_weights(ours), patched_weights(core)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], sd[k]) for k in lora.expected)
+
+
+def _glora_and_oft(sd, targets, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, key in enumerate(targets):
+        name = "lora_unet_" + lf.sgm_path(key).replace(".", "_")
+        out_dim, in_dim = sd[key].shape[:2]
+        if i % 2 == 0:  # GLoRA (LyCORIS ≥ 2): ΔW = W·a1·a2 + b1·b2
+            r = 2
+            tensors.update({f"{name}.a1.weight": torch.randn(in_dim, r, generator=g) * 0.1,
+                            f"{name}.a2.weight": torch.randn(r, in_dim, generator=g) * 0.1,
+                            f"{name}.b1.weight": torch.randn(out_dim, r, generator=g) * 0.1,
+                            f"{name}.b2.weight": torch.randn(r, in_dim, generator=g) * 0.1,
+                            f"{name}.alpha": torch.tensor(1.0)})
+        else:  # OFT: block-diagonal rotation of the output dimension
+            blocks = 4
+            tensors[f"{name}.oft_blocks"] = torch.randn(blocks, out_dim // blocks, out_dim // blocks, generator=g) * 0.05
+    return tensors
+
+
+def test_glora_and_oft_load_and_equal_core(env, sd15):
+    """Formats we hand to core's own adapters unchanged: zero unmatched keys, bit-identical to core."""
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    sd = sd15.model.state_dict()
+    targets = [k for k in lf.pick_targets(sd, kinds=("attn",)) if sd[k].ndim == 2]
+    path = env.models_dir / "loras" / "fmt_glora_oft.safetensors"
+    save_file(_glora_and_oft(sd, targets, seed=12), str(path))
+    ours, _, report = apply_file(env, path, sd15, sm=0.9)
+    assert "0 unmatched" in report, report
+    core, _ = comfy.sd.load_lora_for_models(sd15, None, comfy.utils.load_torch_file(str(path), safe_load=True), 0.9, 0)
+    a, b = patched_weights(ours), patched_weights(core)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(not torch.equal(a[k], sd[k]) for k in targets) == len(targets)
+
+
+def test_lcm_lora_style_file(env, sd15):
+    """LCM-LoRA files: kohya names of diffusers modules, including resnet convs and the time embedding."""
+    sd = sd15.model.state_dict()
+    diffusers = lf.diffusers_paths(sd15)
+    targets = lf.pick_targets(sd, kinds=("attn", "proj", "ff", "conv3")) + [
+        k for k in sd if k.endswith("time_embed.0.weight") or k.endswith("time_embed.2.weight")]
+    lora = lf.make_lora(sd, [t for t in targets if t in diffusers], "kohya_diffusers", rank=4, alpha=4.0,
+                        diffusers=diffusers, seed=13)
+    assert any("time_embedding" in k for k in lora.tensors) and any("resnets" in k for k in lora.tensors)
+    path = env.models_dir / "loras" / "lcm_lora_style.safetensors"
+    lora.save(path)
+    base = weights_snapshot(sd15.model)
+    model, _, report = apply_file(env, path, sd15)
+    assert "0 unmatched" in report, report
+    assert_delta(base, patched_weights(model), lora.expected)
+
+
+def test_sdxl_text_encoder_lora(env):
+    """SDXL files name the two text encoders lora_te1_ (CLIP-L) and lora_te2_ (CLIP-G)."""
+    from harness.tiny_models import build_sdxl_clip
+
+    sdxl, clip = build_unet("sdxl", seed=3), build_sdxl_clip()
+    csd = clip.cond_stage_model.state_dict()
+    lora = lf.make_te_lora(csd, style="kohya_sdxl", seed=14)
+    assert any(k.startswith("lora_te2_") for k in lora.tensors) and any(k.startswith("lora_te1_") for k in lora.tensors)
+    path = env.models_dir / "loras" / "te_sdxl.safetensors"
+    lora.save(path)
+    base = weights_snapshot(clip.cond_stage_model)
+    _, new_clip, report = apply_file(env, path, sdxl, clip=clip, sc=0.75)
+    assert "0 unmatched" in report and f"{len(lora.expected)} CLIP" in report, report
+    assert_delta(base, patched_weights(new_clip.patcher), lora.expected, strength=0.75)

@@ -1,0 +1,741 @@
+#!/usr/bin/env python3
+"""Benchmark: LoRA Composite (``LoraSetComposite``) and AutoLoRA (``AutoLoraGuidance``, ``AutoLoraGuider``).
+
+Usage::
+
+    python bench/bench_composite.py [--quick] [--steps N] [--repeats N] [--k 2,3,5] [--no-memory] [--profile]
+
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU, fp32):
+
+* A mid-size SD1.5-shaped UNet (bench_apply.py's layout with model_channels 96: ≈ 81 M parameters;
+  ``--quick``: model_channels 32, ≈ 10 M) and rank-16 kohya LoRA files (alpha 8) written by
+  ``harness.lora_factory`` into the harness's ``loras`` folder, on every attention projection,
+  ``proj_in``/``proj_out`` and feed-forward layer.
+* Sampling: euler / normal sigmas, ``--steps`` steps (default 10), batch 1, latent 64×64 (512 px;
+  ``--quick``: 32×32), cfg 5 (cond + uncond: two rows per UNet call), the same seed and sigmas for
+  every method. Model-form methods sample with ``comfy.sample.sample_custom``, guiders with
+  ``guider.sample``.
+* One *run* = build the MODEL / GUIDER with the nodes or the core API, then sample. ComfyUI's model
+  management is reset before every run (``unload_all_models``, untimed), so a method that patches
+  weights pays for it in every run, as on a fresh prompt.
+
+  S       ``LoraSetLoad`` (1st LoRA) → ``LoraSetApply``: one LoRA applied statically (the baseline;
+          k×S is the "physical floor" of evaluating k LoRAs separately);
+  CM / CU ``LoraSetComposite`` over k LoRAs, strategy merged (sequential passes with swapped weights) /
+          unmerged (one batched forward with per-row routing);
+  CH      core hook-group guider (comfyui-internals §4(c)): a ``CFGGuider`` subclass with cond sets
+          p_j/n_j each tagged with LoRA j's ``comfy.hooks.create_hook_lora`` group; ``predict_noise``
+          loops j: ``calc_cond_batch([p_j, n_j])`` → ``cfg_function``, averaged;
+  CR      re-patching per evaluation: a ``CFGGuider`` whose ``predict_noise``, for each LoRA, re-patches
+          the weights in place with ``comfy.lora.calculate_weight`` of that LoRA's patches (built with the
+          pack's ``nodes.patching.resolve_set``/``model_patch_lists``) from a backup of the original
+          weights, runs ``sampling_function``, and restores the originals at the end;
+  AM / AU ``AutoLoraGuidance`` (γ 0.5, LoRA branch = the 1st LoRA), strategy merged / unmerged;
+  AG      ``AutoLoraGuider`` (cfg_base = cfg_lora = 5, γ 0.5) via ``guider.sample``;
+  AC      core AutoLoRA guider (internals §4(d) guider form): conds [pos, neg, pos+hook, neg+hook] in
+          ONE ``calc_cond_batch``, CFG per branch, blended with γ.
+
+* One warm-up round, then ``--repeats`` rounds (default 4); each round runs every method once, in a
+  fixed order that is reversed on every other round (interleaved); medians are reported.
+  Correctness guards on the warm-up outputs (before any timing): CM vs CU, CM vs CH and AG vs AM
+  within 1e-4 relative (max abs difference / max abs value), else a WARNING line; CR vs CH and AC vs AG
+  are printed too.
+* Peak memory (unless ``--no-memory``): every method once in a fresh child process (hidden
+  ``--child``; Composite at the largest k, 2 sampler steps — the peak is reached within the first
+  step): ``ru_maxrss`` of the child minus that of a child that only builds the model and loads the
+  LoRA files (core's state dicts and the pack's file cache).
+* If a target is missed (or with ``--profile``), one run of each method that missed is profiled with
+  cProfile and the time in ``MergedSwapper.activate`` / ``calculate_weight``, the unmerged hooks, the
+  batching and the UNet is printed.
+
+Attention: ``--attention pytorch`` (default) makes ComfyUI use torch SDPA, as on NVIDIA GPUs;
+``--attention comfy`` keeps ComfyUI's CPU default (sub-quadratic attention, slower). torch runs on
+``--threads`` CPU threads (default 2).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import logging
+import os
+import platform
+import pstats
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
+
+from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
+from harness.node_calls import call_node  # noqa: E402
+
+# Model layout and LoRA targets as in bench/bench_apply.py (kept local: no shared bench module exists).
+# SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels, conv proj_in/out), only
+# narrower; comfy's UNetModel pops one transformer_depth entry per input res block and one
+# transformer_depth_output entry per output block, exactly like the real SD1.5 config.
+SD15_LAYOUT = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
+               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               "transformer_depth_middle": 1, "context_dim": 768, "image_size": 64}
+TARGET_MARKERS = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn1.to_out.0.",
+                  ".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0.",
+                  ".proj_in.", ".proj_out.", ".ff.net.0.proj.", ".ff.net.2.")
+MODEL_CHANNELS = {"default": 96, "quick": 32}
+LATENT = {"default": 64, "quick": 32}
+STEPS = {"default": 10, "quick": 4}
+REPEATS = {"default": 4, "quick": 2}
+KS = {"default": (2, 3, 5), "quick": (2,)}
+RANK = 16
+ALPHA = 8.0
+CFG = 5.0
+GAMMA = 0.5
+SEED = 1234
+SAMPLER, SCHEDULER = "euler", "normal"
+MATCH_REL = 1e-4
+TARGET_COMPOSITE_OVER_FLOOR = 1.05  # best Composite ≤ 1.05 × (k × S)
+TARGET_COMPOSITE_OVER_CORE = 1.0  # Composite / hook-group and Composite / re-patch < 1
+TARGET_AUTOLORA_MODEL = 2.05  # AutoLoraGuidance ≤ 2.05 × S
+TARGET_AUTOLORA_GUIDER = 2.10  # AutoLoraGuider ≤ 2.10 × S
+
+COMPOSITE_METHODS = {  # key → label (run for every k)
+    "CM": "CM LoraSetComposite merged",
+    "CU": "CU LoraSetComposite unmerged",
+    "CH": "CH core hook-group guider",
+    "CR": "CR re-patch per evaluation",
+}
+AUTOLORA_METHODS = {
+    "AM": "AM AutoLoraGuidance merged",
+    "AU": "AU AutoLoraGuidance unmerged",
+    "AG": "AG AutoLoraGuider (guider)",
+    "AC": "AC core AutoLoRA guider",
+}
+S_LABEL = "S  static LoraSetApply (1 LoRA)"
+
+
+def lora_targets(model_sd: dict) -> list[str]:
+    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
+            and any(m in k for m in TARGET_MARKERS)]
+
+
+def lora_name(index: int) -> str:
+    return f"bench_composite_r{RANK}_{index}.safetensors"
+
+
+def lora_names(count: int) -> list[str]:
+    return [lora_name(i) for i in range(count)]
+
+
+def write_loras(model_sd: dict, loras_dir: Path, count: int) -> list[str]:
+    targets = lora_targets(model_sd)
+    for i in range(count):
+        lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=RANK, alpha=ALPHA, seed=500 + i)
+        lora.save(loras_dir / lora_name(i))
+    return targets
+
+
+def freeze_gc() -> None:
+    """Move start-up objects out of the collector's reach; every run starts with a cheap ``gc.collect()``."""
+    gc.collect()
+    gc.freeze()
+
+
+def fmt_row(cells, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def relative_difference(a, b) -> float:
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+
+# ------------------------------------------------------------------------------------ core guiders
+
+_CLASSES: dict = {}
+
+
+def core_guider_classes():
+    """The reference guiders built from ComfyUI core only (created once comfy is importable)."""
+    if _CLASSES:
+        return _CLASSES
+    import comfy.hooks
+    import comfy.lora
+    import comfy.samplers
+    import comfy.utils
+    import node_helpers
+
+    def negative_type(cond):
+        return node_helpers.conditioning_set_values(cond, {"prompt_type": "negative"})
+
+    class HookCompositeGuider(comfy.samplers.CFGGuider):
+        """internals §4(c): N cond sets, each tagged with one LoRA's HookGroup; CFG per LoRA, averaged."""
+
+        def __init__(self, model_patcher, hook_groups, positive, negative, cfg):
+            super().__init__(model_patcher)
+            self.count = len(hook_groups)
+            negative = negative_type(negative)
+            conds = {}
+            for j, group in enumerate(hook_groups):
+                conds[f"p{j}"] = comfy.hooks.set_hooks_for_conditioning(positive, group)
+                conds[f"n{j}"] = comfy.hooks.set_hooks_for_conditioning(negative, group)
+            self.inner_set_conds(conds)
+            self.set_cfg(cfg)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (core's signature)
+            acc = None
+            for j in range(self.count):
+                p, n = self.conds[f"p{j}"], self.conds[f"n{j}"]
+                out = comfy.samplers.calc_cond_batch(self.inner_model, [p, n], x, timestep, model_options)
+                eps = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                                  model_options=model_options, cond=p, uncond=n)
+                acc = eps if acc is None else acc + eps
+            return acc / self.count
+
+    class RepatchCompositeGuider(comfy.samplers.CFGGuider):
+        """Re-patching per evaluation: bake LoRA j in place (calculate_weight from the originals), evaluate."""
+
+        def __init__(self, model_patcher, patch_lists, positive, negative, cfg):
+            super().__init__(model_patcher)
+            self.patch_lists = patch_lists  # per LoRA: {model key: ComfyUI patch list}
+            self.keys = sorted({k for lists in patch_lists for k in lists})
+            self.backup: dict | None = None
+            self.set_conds(positive, negative)
+            self.set_cfg(cfg)
+
+        def _bake(self, lists) -> None:
+            model = self.inner_model
+            for key in self.keys:
+                weight = comfy.utils.get_attr(model, key).data
+                weight.copy_(self.backup[key])
+                plist = lists.get(key)
+                if plist:
+                    out = comfy.lora.calculate_weight(plist, weight, key)
+                    if out is not weight:
+                        weight.copy_(out)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
+            model = self.inner_model
+            if self.backup is None:  # the originals, once per guider (one copy of the LoRA'd layers)
+                self.backup = {k: comfy.utils.get_attr(model, k).detach().clone() for k in self.keys}
+            acc = None
+            try:
+                for lists in self.patch_lists:
+                    self._bake(lists)
+                    eps = comfy.samplers.sampling_function(model, x, timestep, self.conds.get("negative"),
+                                                           self.conds.get("positive"), self.cfg,
+                                                           model_options=model_options, seed=seed)
+                    acc = eps if acc is None else acc + eps
+            finally:
+                for key in self.keys:
+                    comfy.utils.get_attr(model, key).data.copy_(self.backup[key])
+            return acc / len(self.patch_lists)
+
+    class HookAutoLoraGuider(comfy.samplers.CFGGuider):
+        """internals §4(d) guider form: [pos, neg, pos+hook, neg+hook] in one calc_cond_batch."""
+
+        def __init__(self, model_patcher, hook_group, positive, negative, cfg, gamma):
+            super().__init__(model_patcher)
+            negative = negative_type(negative)
+            self.inner_set_conds({"positive": positive, "negative": negative,
+                                  "pos_l": comfy.hooks.set_hooks_for_conditioning(positive, hook_group),
+                                  "neg_l": comfy.hooks.set_hooks_for_conditioning(negative, hook_group)})
+            self.set_cfg(cfg)
+            self.gamma = gamma
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006
+            c = self.conds
+            o = comfy.samplers.calc_cond_batch(self.inner_model, [c["positive"], c["negative"], c["pos_l"],
+                                                                  c["neg_l"]], x, timestep, model_options)
+            base = comfy.samplers.cfg_function(self.inner_model, o[0], o[1], self.cfg, x, timestep,
+                                               model_options=model_options, cond=c["positive"], uncond=c["negative"])
+            lora = comfy.samplers.cfg_function(self.inner_model, o[2], o[3], self.cfg, x, timestep,
+                                               model_options=model_options, cond=c["pos_l"], uncond=c["neg_l"])
+            return base + self.gamma * (lora - base)
+
+    _CLASSES.update(hook=HookCompositeGuider, repatch=RepatchCompositeGuider, auto=HookAutoLoraGuider)
+    return _CLASSES
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+class Methods:
+    """Every method as one full run: build the MODEL/GUIDER, sample, return the latent."""
+
+    def __init__(self, env, model, args, loras_dir: Path):
+        import comfy.model_management as mm
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        self.env = env
+        self.mm = mm
+        self.model = model
+        self.steps = args.steps
+        self.loras_dir = loras_dir
+        self.patching = env.engine("nodes.patching")
+        self.ms = model.get_model_object("model_sampling")
+        self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
+        self.sampler = comfy.samplers.sampler_object(SAMPLER)
+        side = args.latent
+        self.latent = torch.zeros(1, 4, side, side)
+        self.noise = comfy.sample.prepare_noise(self.latent, SEED)
+        g = torch.Generator().manual_seed(7)
+        context_dim = SD15_LAYOUT["context_dim"]
+        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+        self.negative = [[torch.randn(1, 77, context_dim, generator=g) * 0.5, {}]]
+        self._lora_sd: dict[str, dict] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def lora_sd(self, name: str) -> dict:
+        """Core's LoRA state dict, loaded once and kept (as core's LoraLoader/CreateHookLora nodes keep it)."""
+        import comfy.utils
+
+        if name not in self._lora_sd:
+            self._lora_sd[name] = comfy.utils.load_torch_file(str(self.loras_dir / name), safe_load=True)
+        return self._lora_sd[name]
+
+    def warm_caches(self, names) -> None:
+        for name in names:
+            self.lora_sd(name)
+        for entry in self.lora_set(names):
+            entry.tensors()
+
+    @staticmethod
+    def lora_set(names):
+        s = None
+        for name in names:
+            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
+        return s
+
+    def sample_model(self, model):
+        import comfy.sample
+
+        return comfy.sample.sample_custom(model, self.noise, CFG, self.sampler, self.sigmas, self.positive,
+                                          self.negative, self.latent, disable_pbar=True, seed=SEED)
+
+    def sample_guider(self, guider):
+        out = guider.sample(self.noise, self.latent, self.sampler, self.sigmas, denoise_mask=None, callback=None,
+                            disable_pbar=True, seed=SEED)
+        return out.to(self.mm.intermediate_device())
+
+    # -- the methods -----------------------------------------------------------------------------
+    def static(self):
+        (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(lora_names(1)))
+        return self.sample_model(patched)
+
+    def composite(self, k: int, strategy: str):
+        (m, _clip, _report) = call_node("LoraSetComposite", model=self.model, lora_set=self.lora_set(lora_names(k)),
+                                        strategy=strategy)
+        return self.sample_model(m)
+
+    def hook_composite(self, k: int):
+        import comfy.hooks
+
+        groups = [comfy.hooks.create_hook_lora(self.lora_sd(name), 1.0, 1.0) for name in lora_names(k)]
+        return self.sample_guider(core_guider_classes()["hook"](self.model, groups, self.positive, self.negative, CFG))
+
+    def repatch_composite(self, k: int):
+        resolved = self.patching.resolve_set(self.model, None, self.lora_set(lora_names(k)))
+        lists = [self.patching.model_patch_lists(e, p) for e, p in resolved]
+        return self.sample_guider(core_guider_classes()["repatch"](self.model, lists, self.positive, self.negative,
+                                                                   CFG))
+
+    def autolora_model(self, strategy: str):
+        (m, _clip, _report) = call_node("AutoLoraGuidance", model=self.model, lora_set=self.lora_set(lora_names(1)),
+                                        gamma=GAMMA, strategy=strategy)
+        return self.sample_model(m)
+
+    def autolora_guider(self):
+        (guider,) = call_node("AutoLoraGuider", model=self.model, lora_set=self.lora_set(lora_names(1)),
+                              positive=self.positive, negative=self.negative, cfg_base=CFG, cfg_lora=CFG, gamma=GAMMA)
+        return self.sample_guider(guider)
+
+    def core_autolora(self):
+        import comfy.hooks
+
+        group = comfy.hooks.create_hook_lora(self.lora_sd(lora_names(1)[0]), 1.0, 1.0)
+        return self.sample_guider(core_guider_classes()["auto"](self.model, group, self.positive, self.negative, CFG,
+                                                                GAMMA))
+
+    def run(self, method: str, k: int = 0):
+        if method == "S":
+            return self.static()
+        if method == "CM":
+            return self.composite(k, "merged")
+        if method == "CU":
+            return self.composite(k, "unmerged")
+        if method == "CH":
+            return self.hook_composite(k)
+        if method == "CR":
+            return self.repatch_composite(k)
+        if method == "AM":
+            return self.autolora_model("merged")
+        if method == "AU":
+            return self.autolora_model("unmerged")
+        if method == "AG":
+            return self.autolora_guider()
+        if method == "AC":
+            return self.core_autolora()
+        raise ValueError(method)
+
+    def timed(self, method: str, k: int = 0):
+        self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
+        gc.collect()
+        t0 = time.perf_counter()
+        out = self.run(method, k)
+        return time.perf_counter() - t0, out
+
+
+def time_one_forward(model, methods: Methods, rows: int = 2) -> float:
+    """Seconds of one bare UNet forward with ``rows`` rows (for the ETA)."""
+    import torch
+
+    dm = model.model.diffusion_model
+    side = methods.latent.shape[-1]
+    x = torch.randn(rows, 4, side, side, generator=torch.Generator().manual_seed(3))
+    t = torch.full((rows,), 500.0)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]] * (rows // 2))
+    with torch.no_grad():
+        dm(x, t, context=context)
+        t0 = time.perf_counter()
+        dm(x, t, context=context)
+        return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+MEMORY_JOBS = ("baseline", "S", "CM", "CU", "CH", "CR", "AM", "AU", "AG", "AC")
+
+
+def child_main(args) -> None:
+    """One method run in a fresh process (or only the setup, for ``baseline``); prints one JSON line."""
+    env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    methods = Methods(env, model, args, Path(args.models_dir) / "loras")
+    methods.warm_caches(lora_names(args.mem_k))
+    freeze_gc()
+    if args.child != "baseline":
+        methods.run(args.child, args.mem_k)
+    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    print("CHILD_RESULT " + json.dumps(result), flush=True)
+
+
+def child_command(args, method: str, models_dir: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--mem-k", str(args.mem_k),
+           "--models-dir", str(models_dir), "--threads", str(args.threads), "--attention", args.attention,
+           "--steps", str(args.mem_steps), "--latent", str(args.latent), "--model-channels", str(args.model_channels)]
+    return cmd + (["--quick"] if args.quick else [])
+
+
+def spawn_child(args, method: str, models_dir: Path) -> int:
+    out = subprocess.run(child_command(args, method, models_dir), capture_output=True, text=True,
+                         env=os.environ.copy())
+    for line in out.stdout.splitlines():
+        if line.startswith("CHILD_RESULT "):
+            return json.loads(line[len("CHILD_RESULT "):])["ru_maxrss"]
+    raise RuntimeError(f"child {method} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+
+
+def measure_memory(args, models_dir: Path) -> dict[str, int]:
+    """Peak RSS above the model+LoRA-files baseline, bytes, per method; two children at a time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = dict(zip(MEMORY_JOBS, pool.map(lambda m: spawn_child(args, m, models_dir), MEMORY_JOBS)))
+    return {m: peaks[m] - peaks["baseline"] for m in MEMORY_JOBS[1:]}
+
+
+# ------------------------------------------------------------------------------------------ profile
+
+PROFILE_POINTS = (  # (label, file suffix, function name)
+    ("whole run: sample_custom / guider.sample", "comfy/samplers.py", "sample"),
+    ("load_models_gpu", "comfy/model_management.py", "load_models_gpu"),
+    ("SAMPLER_SAMPLE wrapper (everything in the run)", "nodes/runtime/binding.py", "sampler_sample"),
+    ("  step probe (probe_steps)", "nodes/runtime/step_tracker.py", "probe_steps"),
+    ("  APPLY_MODEL wrapper (mixture)", "nodes/runtime/binding.py", "apply_model"),
+    ("  MergedSwapper.activate (all swaps)", "nodes/runtime/merged_swap.py", "activate"),
+    ("    MergedSwapper._set (per layer)", "nodes/runtime/merged_swap.py", "_set"),
+    ("    comfy.lora.calculate_weight", "comfy/lora.py", "calculate_weight"),
+    ("    stochastic_rounding", "comfy/float.py", "stochastic_rounding"),
+    ("  MergedSwapper.restore", "nodes/runtime/merged_swap.py", "restore"),
+    ("  unmerged hooks: add_adapters (all layers)", "nodes/runtime/unmerged.py", "add_adapters"),
+    ("    lowrank_delta", "kernels/lowrank.py", "lowrank_delta"),
+    ("  batching.expand_call", "nodes/runtime/batching.py", "expand_call"),
+    ("  batching.fold", "nodes/runtime/batching.py", "fold"),
+    ("  core hooks: patch_hooks", "comfy/model_patcher.py", "patch_hooks"),
+    ("  calc_cond_batch", "comfy/samplers.py", "calc_cond_batch"),
+    ("  UNet forward (UNetModel._forward)", "comfy/ldm/modules/diffusionmodules/openaimodel.py", "_forward"),
+)
+
+
+def profile_run(methods: Methods, method: str, k: int, label: str) -> None:
+    methods.mm.unload_all_models()
+    gc.collect()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    methods.run(method, k)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof)
+    print(f"\n=== cProfile of one {label} run (k = {k}): {wall:.2f} s under the profiler ===")
+    print("where the time goes (cumulative seconds, calls):")
+    for name, suffix, func in PROFILE_POINTS:
+        hits = [(v[3], v[1]) for (path, _line, fname), v in stats.stats.items()
+                if fname == func and path.replace(os.sep, "/").endswith(suffix)]
+        if hits:
+            ct = max(h[0] for h in hits)  # one definition per file (max guards against recursion double counts)
+            calls = sum(h[1] for h in hits)
+            print(f"  {name:<50} {ct:8.3f} s  {calls:6d} calls  ({100 * ct / wall:5.1f} %)")
+    print("top 20 by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(20)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def model_config(args) -> dict:
+    return dict(SD15_LAYOUT, model_channels=args.model_channels)
+
+
+def setup_process(threads: int, attention: str) -> None:
+    """Quiet ComfyUI's start-up, pin torch threads, and choose the attention before comfy is imported."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import torch
+
+    torch.set_num_threads(threads)
+    if attention == "pytorch":
+        root = comfy_env.locate_comfyui()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.use_pytorch_cross_attention = True
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: ≈10 M-parameter model, latent 32×32, 4 steps, k = 2, 2 repeats")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 10; --quick: 4)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds after the warm-up (default 4; --quick: 2)")
+    p.add_argument("--k", type=str, default=None, help="comma-separated LoRA counts for Composite (default 2,3,5; "
+                                                       "--quick: 2)")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default 64 = 512 px; --quick: 32)")
+    p.add_argument("--model-channels", type=int, default=None, help="UNet model_channels (default 96; --quick: 32)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
+                   help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--mem-steps", type=int, default=2, help="sampler steps in the memory children (default 2)")
+    p.add_argument("--profile", action="store_true", help="always cProfile (default: only methods that miss a target)")
+    p.add_argument("--child", choices=MEMORY_JOBS, help=argparse.SUPPRESS)
+    p.add_argument("--mem-k", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--models-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    mode = "quick" if args.quick else "default"
+    args.steps = args.steps or STEPS[mode]
+    args.repeats = args.repeats or REPEATS[mode]
+    args.ks = tuple(int(v) for v in args.k.split(",")) if args.k else KS[mode]
+    if any(k < 2 for k in args.ks):
+        p.error("--k values must be ≥ 2")
+    if args.repeats < 1:
+        p.error("--repeats must be ≥ 1")
+    args.latent = args.latent or LATENT[mode]
+    args.model_channels = args.model_channels or MODEL_CHANNELS[mode]
+    args.mem_k = args.mem_k or max(args.ks)
+    return args
+
+
+def check_outputs(outputs: dict, ks) -> None:
+    """Correctness guards on the warm-up outputs (same seed, sigmas and conds for every method)."""
+    import torch
+
+    for cfg, out in outputs.items():
+        if not torch.isfinite(out).all():
+            print(f"WARNING: {cfg} produced non-finite values")
+
+    def guard(name, a, b, what):
+        d = relative_difference(outputs[a], outputs[b])
+        ok = d <= MATCH_REL
+        print(f"check {name}: rel. diff {d:.2e} (guard ≤ {MATCH_REL:g}) {'OK' if ok else 'FAILED'}")
+        if not ok:
+            print(f"WARNING: {name} differ by {d:.2e} relative > {MATCH_REL:g}: {what}")
+
+    def info(name, a, b, note=""):
+        print(f"info  {name}: rel. diff {relative_difference(outputs[a], outputs[b]):.2e}{note}")
+
+    for k in ks:
+        guard(f"k={k} Composite merged vs unmerged", ("CM", k), ("CU", k), "the two strategies do not compute the same")
+        guard(f"k={k} Composite merged vs core hook-group guider", ("CM", k), ("CH", k),
+              "the timings do not compare the same computation")
+        info(f"k={k} re-patch guider vs hook-group guider", ("CR", k), ("CH", k))
+        info(f"k={k} Composite vs S", ("CM", k), ("S", 0), " (must be large: Composite is not one LoRA)")
+    guard("AutoLoraGuidance merged vs AutoLoraGuider (equal cfg)", ("AM", 0), ("AG", 0),
+          "the model and guider forms disagree")
+    info("AutoLoraGuidance unmerged vs merged", ("AU", 0), ("AM", 0))
+    info("core AutoLoRA guider vs AutoLoraGuider", ("AC", 0), ("AG", 0))
+    info("AutoLoraGuidance vs S", ("AM", 0), ("S", 0), " (must be large: γ = 0.5 is not the LoRA model)")
+
+
+def main() -> None:
+    args = parse_args()
+    setup_process(args.threads, args.attention)
+    if args.child:
+        child_main(args)
+        return
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-composite-"))
+    models_dir = work / "models"
+    env = comfy_env.start(models_dir=models_dir, quiet=False)
+    import comfy.ldm.modules.attention as comfy_attention
+    import torch
+
+    print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
+    model_sd = model.model.state_dict()
+    n_loras = max(args.ks)
+    targets = write_loras(model_sd, models_dir / "loras", n_loras)
+    target_params = sum(model_sd[k].numel() for k in targets)
+    largest_layer = max(model_sd[k].numel() for k in targets) * 4
+    del model_sd
+    lora_bytes = (models_dir / "loras" / lora_name(0)).stat().st_size
+    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters; "
+          f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters = "
+          f"{target_params * 4 / 2**20:.0f} MiB fp32 per patched copy; largest layer {largest_layer / 2**20:.1f} MiB)")
+    print(f"LoRAs: {n_loras} kohya files, rank {RANK}, alpha {ALPHA:g}, {lora_bytes / 2**20:.1f} MiB each "
+          f"(attention q/k/v/out, proj_in/out, ff)")
+    print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
+          f"({args.latent * 8} px), cfg {CFG:g} (cond+uncond = 2 rows per UNet call), seed {SEED}; "
+          f"Composite k ∈ {list(args.ks)}; AutoLoRA γ = {GAMMA:g} with the 1st LoRA")
+
+    methods = Methods(env, model, args, models_dir / "loras")
+    methods.warm_caches(lora_names(n_loras))
+    fwd = time_one_forward(model, methods)
+    configs = [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]
+    forwards = args.steps * (1 + 4 * sum(args.ks) + 2 * len(AUTOLORA_METHODS))
+    eta = (args.repeats + 1) * forwards * fwd
+    print(f"one bare UNet call (2 rows) took {fwd:.2f} s; {len(configs)} runs per round ≈ {forwards} UNet-call "
+          f"equivalents; {args.repeats} timed rounds + 1 warm-up: estimated ≥ {eta / 60:.1f} min", flush=True)
+
+    freeze_gc()
+    times: dict[tuple, list[float]] = {}
+    warm_outputs: dict[tuple, object] = {}
+    for rnd in range(args.repeats + 1):  # round 0 is the warm-up
+        order = configs if rnd % 2 == 0 else configs[::-1]
+        for cfg in order:
+            seconds, out = methods.timed(*cfg)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            check_outputs(warm_outputs, args.ks)
+        else:
+            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+    methods.mm.unload_all_models()
+    del warm_outputs
+
+    memory = {} if args.no_memory else measure_memory(args, models_dir)
+
+    med = {cfg: statistics.median(v) for cfg, v in times.items()}
+    s = med[("S", 0)]
+    missed: list[tuple[str, int]] = []
+    print()
+    print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "
+          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed)")
+    print(f"{S_LABEL}: median {s:.3f} s (min {min(times[('S', 0)]):.3f})")
+
+    print()
+    print(f"LoRA Composite — floor = k × S; targets: best Composite ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f} × floor, "
+          f"best Composite / CH < 1, best Composite / CR < 1")
+    widths = (31, 8, 8, 9, 9, 9, 9)
+    for k in args.ks:
+        floor = k * s
+        print()
+        print(f"k = {k}: floor k×S = {floor:.3f} s")
+        print(fmt_row(("method", "median", "min", "/ floor", "/ CH", "/ CR", "per LoRA"), widths))
+        ch, cr = med[("CH", k)], med[("CR", k)]
+        for m, label in COMPOSITE_METHODS.items():
+            v = med[(m, k)]
+            print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, k)]):.3f}", f"{v / floor:.3f}", f"{v / ch:.3f}",
+                           f"{v / cr:.3f}", f"{v / k:.3f}"), widths))
+        best_m = min(("CM", "CU"), key=lambda m: med[(m, k)])
+        best = med[(best_m, k)]
+        ok_floor = best / floor <= TARGET_COMPOSITE_OVER_FLOOR
+        ok_ch, ok_cr = best / ch < TARGET_COMPOSITE_OVER_CORE, best / cr < TARGET_COMPOSITE_OVER_CORE
+        print(f"  best Composite = {best_m} ({'merged' if best_m == 'CM' else 'unmerged'}): "
+              f"/ floor = {best / floor:.3f} (target ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f}) "
+              f"{'OK' if ok_floor else 'MISSED'}; / CH = {best / ch:.3f} (< 1) {'OK' if ok_ch else 'MISSED'}; "
+              f"/ CR = {best / cr:.3f} (< 1) {'OK' if ok_cr else 'MISSED'}")
+        if not (ok_floor and ok_ch and ok_cr):
+            missed += [("CM", k), ("CU", k)]
+
+    print()
+    print(f"AutoLoRA (γ = {GAMMA:g}, 1 LoRA) vs plain LoRA sampling S = {s:.3f} s; targets: AutoLoraGuidance ≤ "
+          f"{TARGET_AUTOLORA_MODEL:.2f} × S, AutoLoraGuider ≤ {TARGET_AUTOLORA_GUIDER:.2f} × S")
+    aw = (31, 8, 8, 8, 9, 9, 8)
+    print(fmt_row(("method", "median", "min", "/ S", "target", "verdict", "/ AC"), aw))
+    ac = med[("AC", 0)]
+    for m, label in AUTOLORA_METHODS.items():
+        v = med[(m, 0)]
+        target = {"AM": TARGET_AUTOLORA_MODEL, "AU": TARGET_AUTOLORA_MODEL, "AG": TARGET_AUTOLORA_GUIDER}.get(m)
+        verdict = "" if target is None else ("OK" if v / s <= target else "MISSED")
+        print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, 0)]):.3f}", f"{v / s:.3f}",
+                       f"≤ {target:.2f}" if target else "(core)", verdict, f"{v / ac:.3f}"), aw))
+    best_am = min(("AM", "AU"), key=lambda m: med[(m, 0)])
+    if med[(best_am, 0)] / s > TARGET_AUTOLORA_MODEL:
+        missed.append((best_am, 0))
+    if med[("AG", 0)] / s > TARGET_AUTOLORA_GUIDER:
+        missed.append(("AG", 0))
+    print(f"  AutoLoraGuidance target judged on the faster strategy ({best_am}): "
+          f"{med[(best_am, 0)] / s:.3f} × S")
+
+    if memory:
+        s_mem = memory["S"]
+        one_copy = target_params * 4
+        k = args.mem_k
+        bound_comp = s_mem + k * lora_bytes + largest_layer
+        bound_auto = s_mem + lora_bytes + largest_layer
+        print()
+        print(f"Peak RSS above the model + LoRA-files baseline, MiB (fresh child process per method, ru_maxrss, "
+              f"{args.mem_steps} steps; Composite k = {k}). One patched copy of the LoRA'd layers = "
+              f"{one_copy / 2**20:.0f} MiB.")
+        print(f"target: no k copies of the weights — at most S + LoRA tensors ({k} × {lora_bytes / 2**20:.1f} MiB "
+              f"for Composite, 1× for AutoLoRA) + one layer ({largest_layer / 2**20:.1f} MiB): Composite ≤ "
+              f"{bound_comp / 2**20:.0f} MiB, AutoLoRA ≤ {bound_auto / 2**20:.0f} MiB")
+        mw = (31, 9, 10, 9, 11, 8)
+        print(fmt_row(("method", "peak", "- S", "/ S", "- S copies", "verdict"), mw))
+        labels = {"S": S_LABEL, **COMPOSITE_METHODS, **AUTOLORA_METHODS}
+        for m in MEMORY_JOBS[1:]:
+            v = memory[m]
+            bound = bound_comp if m in COMPOSITE_METHODS else bound_auto
+            verdict = "" if m in ("S", "CH", "CR", "AC") else ("OK" if v <= bound else "OVER")
+            print(fmt_row((labels[m], f"{v / 2**20:.1f}", f"{(v - s_mem) / 2**20:+.1f}", f"{v / s_mem:.2f}"
+                           if s_mem > 0 else "n/a", f"{(v - s_mem) / one_copy:+.2f}", verdict), mw))
+        print("  (- S copies = (peak − S) / one patched copy; the unmerged strategies also hold k× the "
+              "activations of one batch)")
+
+    print()
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    to_profile = list(dict.fromkeys(missed))
+    if args.profile and not to_profile:
+        to_profile = [("CM", max(args.ks)), ("CU", max(args.ks)), ("AM", 0), ("AG", 0)]
+    if to_profile:
+        print("profiling: " + ", ".join(f"{m} k={k}" if k else m for m, k in to_profile)
+              + (" (missed a target)" if missed else ""))
+        labels = {"S": S_LABEL, **COMPOSITE_METHODS, **AUTOLORA_METHODS}
+        for m, k in to_profile:
+            profile_run(methods, m, k, labels[m])
+
+
+if __name__ == "__main__":
+    main()
