@@ -174,3 +174,39 @@ def test_sdxl_text_encoder_lora(env):
     _, new_clip, report = apply_file(env, path, sdxl, clip=clip, sc=0.75)
     assert "0 unmatched" in report and f"{len(lora.expected)} CLIP" in report, report
     assert_delta(base, patched_weights(new_clip.patcher), lora.expected, strength=0.75)
+
+
+# Deliberate differences from core, listed: key styles core maps to nothing on SD1.x/SDXL UNets.
+CORE_MISSES = ("diffusers_peft", "diffusers", "blora", "peft_raw")
+
+
+@pytest.mark.parametrize("style", CORE_MISSES)
+def test_deliberate_difference_core_loads_nothing_of_these_styles(env, sd15, style):
+    """Core's key map only knows '….processor.to_q' diffusers names for attention layers; in these real-world
+    styles (diffusers ≥ 0.22 PEFT files, B-LoRA author files, raw PEFT adapters) core drops every attention
+    key (B-LoRA and raw PEFT files: every key). Ours loads all of them (test_key_style_loads_every_key)."""
+    import comfy.sd
+
+    sd = sd15.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd, kinds=("attn", "proj")), style=style,
+                        diffusers=lf.diffusers_paths(sd15), seed=15)
+    core, _ = comfy.sd.load_lora_for_models(sd15, None, lora.tensors, 1.0, 0)
+    attention = {k for k in lora.expected if ".to_" in k}
+    assert attention and not attention & set(core.patches), f"core now maps {style}; drop our special case"
+    if style in ("blora", "peft_raw"):  # the prefix itself is unknown to core: nothing at all maps
+        assert not core.patches
+
+
+@pytest.mark.parametrize("style", sorted(set(lf.KEY_STYLES) - set(CORE_MISSES)))
+def test_every_other_style_is_core_mapping_unchanged(env, sd15, style):
+    """For every style core does map, our patches are core's patches (same keys, same adapters)."""
+    import comfy.sd
+
+    sd = sd15.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd, kinds=("attn", "proj")), style=style,
+                        diffusers=lf.diffusers_paths(sd15), seed=16)
+    path = env.models_dir / "loras" / f"core_same_{style}.safetensors"
+    lora.save(path)
+    ours, _, _ = apply_file(env, path, sd15)
+    core, _ = comfy.sd.load_lora_for_models(sd15, None, lora.tensors, 1.0, 0)
+    assert set(ours.patches) == set(core.patches) == set(lora.expected)
