@@ -20,6 +20,16 @@ class TinyLora:
     expected: dict[str, torch.Tensor] = field(default_factory=dict)  # model key → ΔW at strength 1
     metadata: dict[str, str] = field(default_factory=dict)
 
+    def amplified(self, factor: float, suffixes=("lora_up.weight",)) -> "TinyLora":
+        """Scale the named factors in place (strong deltas make a wrong LoRA at any step visible).
+
+        ``expected`` is left alone: use it only with ``factor`` 1 or for linear formats after rescaling.
+        """
+        for key in self.tensors:
+            if key.endswith(tuple(suffixes)):
+                self.tensors[key] = self.tensors[key] * factor
+        return self
+
     def save(self, path) -> str:
         save_file(self.tensors, str(path), metadata=self.metadata or None)
         return str(path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import lora_factory as lf
-from harness.node_calls import call_node
+from harness.node_calls import call_node, load_set as lora_set
 from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
 
 REL = 1e-5
@@ -28,22 +28,12 @@ def setup(env):
     names = []
     for i, kinds in enumerate([("attn", "proj"), ("attn", "ff"), ("attn", "conv3")]):
         lora = lf.make_lora(sd, lf.pick_targets(sd, kinds), "kohya", rank=2 + i, alpha=1.0, seed=100 + i)
-        for key in lora.tensors:
-            if key.endswith("lora_up.weight"):
-                lora.tensors[key] = lora.tensors[key] * 8
+        lora.amplified(8)
         lora.save(env.models_dir / "loras" / f"cp_{i}.safetensors")
         names.append(f"cp_{i}.safetensors")
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
     return model, names, pos, neg
-
-
-def lora_set(names, strengths=None):
-    s = None
-    for i, name in enumerate(names):
-        (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=strengths[i] if strengths else 1.0,
-                         strength_clip=1.0, lora_set=s)
-    return s
 
 
 def baked(env, lora_set_or_none):

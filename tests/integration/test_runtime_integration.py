@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import lora_factory as lf
-from harness.node_calls import call_node
+from harness.node_calls import call_node, load_set as lora_set
 from harness.tiny_models import build_sd15_clip, build_unet, patched_weights, weights_snapshot
 
 
@@ -18,22 +18,12 @@ def setup(env):
     for i, kinds in enumerate([("attn", "proj"), ("attn", "conv3")]):
         lora = lf.make_lora(sd, lf.pick_targets(sd, kinds), "kohya", rank=3, alpha=1.0, seed=120 + i)
         lora.tensors.update(lf.make_te_lora(csd, seed=130 + i).tensors)
-        for key in lora.tensors:
-            if key.endswith("lora_up.weight"):
-                lora.tensors[key] = lora.tensors[key] * 6
+        lora.amplified(6)
         lora.save(env.models_dir / "loras" / f"ri_{i}.safetensors")
         names.append(f"ri_{i}.safetensors")
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a dog"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     return model, clip, names, pos, neg
-
-
-def lora_set(names, strengths=None):
-    s = None
-    for i, name in enumerate(names):
-        (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=strengths[i] if strengths else 1.0,
-                         strength_clip=1.0, lora_set=s)
-    return s
 
 
 def sample(model, pos, neg, sampler_name="euler", steps=4, cfg=4.0, seed=2):

@@ -34,9 +34,7 @@ def _formats(env, model):
         "diff": lf.make_full_diff(sd, lf.pick_targets(sd, ("attn", "conv3")), seed=7),
     }
     for name, lora in files.items():
-        for k in lora.tensors:
-            if k.endswith(("lora_up.weight", "lora_mid.weight", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w2_a")):
-                lora.tensors[k] = lora.tensors[k] * 5
+        lora.amplified(5, ("lora_up.weight", "lora_mid.weight", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w2_a"))
         lora.save(env.models_dir / "loras" / f"rt_{name}.safetensors")
     return list(files)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import lora_factory as lf
-from harness.node_calls import call_node
+from harness.node_calls import call_node, load_set as lora_set
 from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
 
 REL = 1e-5
@@ -22,23 +22,13 @@ def setup(env):
     names = []
     for i, kinds in enumerate([("attn", "proj"), ("attn", "ff"), ("attn", "conv3")]):
         lora = lf.make_lora(sd, lf.pick_targets(sd, kinds), "kohya", rank=2 + i, alpha=1.0, seed=60 + i)
-        for key in lora.tensors:  # strong deltas so that a wrong LoRA at any step is visible
-            if key.endswith("lora_up.weight"):
-                lora.tensors[key] = lora.tensors[key] * 8
+        lora.amplified(8)  # strong deltas so that a wrong LoRA at any step is visible
         name = f"sw_{i}.safetensors"
         lora.save(env.models_dir / "loras" / name)
         names.append(name)
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     return model, names, pos, neg
-
-
-def lora_set(names, strengths=None):
-    s = None
-    for i, name in enumerate(names):
-        sm = strengths[i] if strengths else 1.0
-        (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=sm, strength_clip=1.0, lora_set=s)
-    return s
 
 
 def sigmas_for(model, steps, denoise=1.0):
