@@ -41,9 +41,15 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CP
   within 1e-4 relative (max abs difference / max abs value), else a WARNING line; CR vs CH and AC vs AG
   are printed too.
 * Peak memory (unless ``--no-memory``): every method once in a fresh child process (hidden
-  ``--child``; Composite at the largest k, 2 sampler steps — the peak is reached within the first
-  step): ``ru_maxrss`` of the child minus that of a child that only builds the model and loads the
-  LoRA files (core's state dicts and the pack's file cache).
+  ``--child``; Composite at the largest k, ``--mem-steps`` sampler steps, default 2 — the peak is
+  reached within the first step): the child's peak RSS minus that of a child that only builds the
+  model and loads the LoRA files (core's state dicts and the pack's file cache). In both, the kernel's
+  RSS high-water mark is reset (``/proc/self/clear_refs`` ← 5) once the setup is done, since the
+  start-up peak would otherwise hide the run's, and the peak is read as ``VmHWM``: ``ru_maxrss`` of an
+  exec'd child also holds the high-water mark of the process that spawned it (the kernel folds the
+  pre-exec mm's peak into it), i.e. of this large parent, so it reads the same for every child
+  (``ru_maxrss`` is used only where ``clear_refs`` is not writable). The children run with a fixed glibc
+  mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave RSS instead of being reused unseen.
 * If a target is missed (or with ``--profile``), one run of each method that missed is profiled with
   cProfile and the time in ``MergedSwapper.activate`` / ``calculate_weight``, the unmerged hooks, the
   batching and the UNet is printed.
@@ -420,10 +426,44 @@ def child_main(args) -> None:
     methods = Methods(env, model, args, Path(args.models_dir) / "loras")
     methods.warm_caches(lora_names(args.mem_k))
     freeze_gc()
+    # Start-up (imports, model construction) peaks far above the steady state; reset the kernel's
+    # high-water mark (which ru_maxrss reports) so the number reflects the run, not the start-up.
+    resettable = _reset_peak_rss()
     if args.child != "baseline":
         methods.run(args.child, args.mem_k)
-    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "reset": resettable,
+              "hwm": _proc_status("VmHWM")}
     print("CHILD_RESULT " + json.dumps(result), flush=True)
+
+
+def _proc_status(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_env() -> dict:
+    """A fixed malloc mmap threshold: every large tensor is its own mapping, returned to the OS when freed.
+
+    Without it glibc raises the threshold dynamically, large freed blocks stay in the heap and later
+    allocations reuse them without raising RSS, which hides (or shifts) peaks between methods.
+    """
+    env = os.environ.copy()
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    return env
 
 
 def child_command(args, method: str, models_dir: Path) -> list[str]:
@@ -434,11 +474,17 @@ def child_command(args, method: str, models_dir: Path) -> list[str]:
 
 
 def spawn_child(args, method: str, models_dir: Path) -> int:
-    out = subprocess.run(child_command(args, method, models_dir), capture_output=True, text=True,
-                         env=os.environ.copy())
+    out = subprocess.run(child_command(args, method, models_dir), capture_output=True, text=True, env=child_env())
     for line in out.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])["ru_maxrss"]
+            result = json.loads(line[len("CHILD_RESULT "):])
+            if not result["reset"]:
+                print(f"note: child {method} could not reset its peak RSS (/proc/self/clear_refs): its number "
+                      "includes the start-up peak")
+            # ru_maxrss of an exec'd child also carries the PARENT's high-water mark (the kernel folds the
+            # pre-exec mm's peak into the process's maxrss at exec, and subprocess forks/vforks this
+            # large process), so every child reported the same number; VmHWM is the child's own mm.
+            return result["hwm"] if result["reset"] else result["ru_maxrss"]
     raise RuntimeError(f"child {method} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
 
 
@@ -530,6 +576,7 @@ def parse_args():
     p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
                    help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--memory-only", action="store_true", help="skip the timings (guards and peak RSS only)")
     p.add_argument("--mem-steps", type=int, default=2, help="sampler steps in the memory children (default 2)")
     p.add_argument("--profile", action="store_true", help="always cProfile (default: only methods that miss a target)")
     p.add_argument("--child", choices=MEMORY_JOBS, help=argparse.SUPPRESS)
@@ -581,71 +628,8 @@ def check_outputs(outputs: dict, ks) -> None:
     info("AutoLoraGuidance vs S", ("AM", 0), ("S", 0), " (must be large: γ = 0.5 is not the LoRA model)")
 
 
-def main() -> None:
-    args = parse_args()
-    setup_process(args.threads, args.attention)
-    if args.child:
-        child_main(args)
-        return
-
-    t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-composite-"))
-    models_dir = work / "models"
-    env = comfy_env.start(models_dir=models_dir, quiet=False)
-    import comfy.ldm.modules.attention as comfy_attention
-    import torch
-
-    print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
-    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
-    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
-    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
-    model_sd = model.model.state_dict()
-    n_loras = max(args.ks)
-    targets = write_loras(model_sd, models_dir / "loras", n_loras)
-    target_params = sum(model_sd[k].numel() for k in targets)
-    largest_layer = max(model_sd[k].numel() for k in targets) * 4
-    del model_sd
-    lora_bytes = (models_dir / "loras" / lora_name(0)).stat().st_size
-    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters; "
-          f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters = "
-          f"{target_params * 4 / 2**20:.0f} MiB fp32 per patched copy; largest layer {largest_layer / 2**20:.1f} MiB)")
-    print(f"LoRAs: {n_loras} kohya files, rank {RANK}, alpha {ALPHA:g}, {lora_bytes / 2**20:.1f} MiB each "
-          f"(attention q/k/v/out, proj_in/out, ff)")
-    print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
-          f"({args.latent * 8} px), cfg {CFG:g} (cond+uncond = 2 rows per UNet call), seed {SEED}; "
-          f"Composite k ∈ {list(args.ks)}; AutoLoRA γ = {GAMMA:g} with the 1st LoRA")
-
-    methods = Methods(env, model, args, models_dir / "loras")
-    methods.warm_caches(lora_names(n_loras))
-    fwd = time_one_forward(model, methods)
-    configs = [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]
-    forwards = args.steps * (1 + 4 * sum(args.ks) + 2 * len(AUTOLORA_METHODS))
-    eta = (args.repeats + 1) * forwards * fwd
-    print(f"one bare UNet call (2 rows) took {fwd:.2f} s; {len(configs)} runs per round ≈ {forwards} UNet-call "
-          f"equivalents; {args.repeats} timed rounds + 1 warm-up: estimated ≥ {eta / 60:.1f} min", flush=True)
-
-    freeze_gc()
-    times: dict[tuple, list[float]] = {}
-    warm_outputs: dict[tuple, object] = {}
-    for rnd in range(args.repeats + 1):  # round 0 is the warm-up
-        order = configs if rnd % 2 == 0 else configs[::-1]
-        for cfg in order:
-            seconds, out = methods.timed(*cfg)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
-        if rnd == 0:
-            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(warm_outputs, args.ks)
-        else:
-            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-    methods.mm.unload_all_models()
-    del warm_outputs
-
-    memory = {} if args.no_memory else measure_memory(args, models_dir)
-
+def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
+    """The Composite and AutoLoRA tables; returns the methods that missed a target (to profile)."""
     med = {cfg: statistics.median(v) for cfg, v in times.items()}
     s = med[("S", 0)]
     missed: list[tuple[str, int]] = []
@@ -699,6 +683,76 @@ def main() -> None:
     print(f"  AutoLoraGuidance target judged on the faster strategy ({best_am}): "
           f"{med[(best_am, 0)] / s:.3f} × S")
 
+    return missed
+
+
+def main() -> None:
+    args = parse_args()
+    setup_process(args.threads, args.attention)
+    if args.child:
+        child_main(args)
+        return
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-composite-"))
+    models_dir = work / "models"
+    env = comfy_env.start(models_dir=models_dir, quiet=False)
+    import comfy.ldm.modules.attention as comfy_attention
+    import torch
+
+    print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
+    model_sd = model.model.state_dict()
+    n_loras = max(args.ks)
+    targets = write_loras(model_sd, models_dir / "loras", n_loras)
+    target_params = sum(model_sd[k].numel() for k in targets)
+    largest_layer = max(model_sd[k].numel() for k in targets) * 4
+    del model_sd
+    lora_bytes = (models_dir / "loras" / lora_name(0)).stat().st_size
+    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters; "
+          f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters = "
+          f"{target_params * 4 / 2**20:.0f} MiB fp32 per patched copy; largest layer {largest_layer / 2**20:.1f} MiB)")
+    print(f"LoRAs: {n_loras} kohya files, rank {RANK}, alpha {ALPHA:g}, {lora_bytes / 2**20:.1f} MiB each "
+          f"(attention q/k/v/out, proj_in/out, ff)")
+    print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
+          f"({args.latent * 8} px), cfg {CFG:g} (cond+uncond = 2 rows per UNet call), seed {SEED}; "
+          f"Composite k ∈ {list(args.ks)}; AutoLoRA γ = {GAMMA:g} with the 1st LoRA")
+
+    methods = Methods(env, model, args, models_dir / "loras")
+    methods.warm_caches(lora_names(n_loras))
+    fwd = time_one_forward(model, methods)
+    configs = [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]
+    forwards = args.steps * (1 + 4 * sum(args.ks) + 2 * len(AUTOLORA_METHODS))
+    eta = ((0 if args.memory_only else args.repeats) + 1) * forwards * fwd
+    print(f"one bare UNet call (2 rows) took {fwd:.2f} s; {len(configs)} runs per round ≈ {forwards} UNet-call "
+          f"equivalents; {args.repeats} timed rounds + 1 warm-up: estimated ≥ {eta / 60:.1f} min", flush=True)
+
+    freeze_gc()
+    times: dict[tuple, list[float]] = {}
+    warm_outputs: dict[tuple, object] = {}
+    rounds = 0 if args.memory_only else args.repeats
+    for rnd in range(rounds + 1):  # round 0 is the warm-up
+        order = configs if rnd % 2 == 0 else configs[::-1]
+        for cfg in order:
+            seconds, out = methods.timed(*cfg)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            check_outputs(warm_outputs, args.ks)
+        else:
+            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+    methods.mm.unload_all_models()
+    del warm_outputs
+
+    memory = {} if args.no_memory else measure_memory(args, models_dir)
+
+    missed = [] if args.memory_only else print_time_tables(args, times)
     if memory:
         s_mem = memory["S"]
         one_copy = target_params * 4
@@ -706,7 +760,8 @@ def main() -> None:
         bound_comp = s_mem + k * lora_bytes + largest_layer
         bound_auto = s_mem + lora_bytes + largest_layer
         print()
-        print(f"Peak RSS above the model + LoRA-files baseline, MiB (fresh child process per method, ru_maxrss, "
+        print(f"Peak RSS above the model + LoRA-files baseline, MiB (fresh child process per method, VmHWM after a "
+              f"reset, "
               f"{args.mem_steps} steps; Composite k = {k}). One patched copy of the LoRA'd layers = "
               f"{one_copy / 2**20:.0f} MiB.")
         print(f"target: no k copies of the weights — at most S + LoRA tensors ({k} × {lora_bytes / 2**20:.1f} MiB "

@@ -93,6 +93,12 @@ STEPS = {"default": 12, "quick": 6}
 REPEATS = {"default": 4, "quick": 2}
 RANKS = (16, 64)  # main comparison (A–E)
 UNMERGED_RANKS = (16, 64, 128)  # F/G/H
+HEAD_CHANNELS = 32
+# alpha = 4·√rank: every LoRA changes its layers by about the same relative amount (ΔW ≈ 0.8·W element-wise,
+# strong, so that a wrong LoRA at any step is visible in the checks) whatever its rank. Much stronger LoRAs make
+# this random-weight UNet chaotic (alpha = 2·rank at rank 64: a 1e-6 relative weight change moved the output by
+# 40 %), and then merged and unmerged execution, which round differently, no longer agree.
+LORA_ALPHA_PER_SQRT_RANK = 4.0
 K = 3  # LoRAs in the switched set
 EVERY = 5  # τ
 CFG = 5.0
@@ -126,8 +132,29 @@ def fmt_row(cells, widths):
     return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
-def model_config(args) -> dict:
-    return dict(SD15_LAYOUT, model_channels=args.model_channels)
+def build_model(args):
+    """A ModelPatcher over the SD1.5-shaped UNet; like ``tiny_models.build_unet`` but with 32-channel heads.
+
+    Real SD1.5 fixes 8 heads per block (head dim 40 at 320 channels); at model_channels 96 that would be
+    head dim 12, which makes CPU attention cost per token pair high and unlike SD1.5. 32-channel heads keep every
+    weight shape (and so every LoRA key) identical and the head dim close to SD1.5's.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    class SD15Bench(comfy.supported_models.SD15):
+        unet_extra_config = {"num_heads": -1, "num_head_channels": HEAD_CHANNELS}
+
+    config = dict(tiny_models.SD15_TINY, **SD15_LAYOUT)
+    config.update(model_channels=args.model_channels, dtype=torch.float32)
+    model_config = SD15Bench(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    tiny_models.init_weights_(model.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def lora_name(rank: int, index: int) -> str:
@@ -139,11 +166,13 @@ def lora_names(rank: int, count: int = K) -> list[str]:
 
 
 def write_loras(model_sd: dict, loras_dir: Path, ranks, unmerged_ranks) -> list[str]:
-    """K files per main rank, one per rank only used by the one-entry table; kohya keys, alpha = rank / 2."""
+    """K files per main rank, one per rank only used by the one-entry table; kohya keys, alpha = 4·√rank."""
     targets = lora_targets(model_sd)
     for rank in sorted(set(ranks) | set(unmerged_ranks)):
         for i in range(K if rank in ranks else 1):
-            lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=rank, alpha=rank / 2, seed=1000 * rank + i)
+            lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=rank,
+                                          alpha=LORA_ALPHA_PER_SQRT_RANK * math.sqrt(rank),
+                                          seed=1000 * rank + i)
             lora.save(loras_dir / lora_name(rank, i))
     return targets
 
@@ -327,11 +356,12 @@ class Methods:
         return self.switch(lora_names(rank, 1), strategy)
 
     def timed(self, fn, *a):
+        """((wall seconds, process CPU seconds), output) of one run."""
         self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*a)
-        return time.perf_counter() - t0, out
+        return (time.perf_counter() - t0, time.process_time() - c0), out
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -376,9 +406,9 @@ def count_flops(model, methods: Methods, targets: list[str]):
         for h in handles:
             h.remove()
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dm(x, t, context=context)
-        seconds = time.perf_counter() - t0
+        seconds = (time.perf_counter() - t0, time.process_time() - c0)
     return counter.get_total_flops(), layers, seconds
 
 
@@ -395,17 +425,39 @@ def layer_flops(layers: dict) -> int:
 def child_main(args) -> None:
     """One method run in a fresh process (or only the setup, for ``baseline``); prints one JSON line."""
     env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
-    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    model = build_model(args)
     methods = Methods(env, model, args, Path(args.models_dir) / "loras")
     names = lora_names(args.rank)
     for name in names:
         methods.lora_sd(name)
     methods.warm_pack_cache(names)
     freeze_gc()
+    rss_before = _proc_status("VmRSS")
+    resettable = _reset_peak_rss()
     if args.child != "baseline":
         methods.run(args.child, args.rank)
-    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "run_peak": _proc_status("VmHWM") - rss_before if resettable else None}
     print("CHILD_RESULT " + json.dumps(result), flush=True)
+
+
+def _proc_status(field: str) -> int:
+    """A ``kB`` field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM; ru_maxrss is not reset) where allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def child_command(args, method: str, rank: int, models_dir: Path) -> list[str]:
@@ -416,21 +468,22 @@ def child_command(args, method: str, rank: int, models_dir: Path) -> list[str]:
     return cmd + (["--quick"] if args.quick else [])
 
 
-def spawn_child(args, method: str, rank: int, models_dir: Path) -> int:
+def spawn_child(args, method: str, rank: int, models_dir: Path) -> dict:
     out = subprocess.run(child_command(args, method, rank, models_dir), capture_output=True, text=True,
                          env=os.environ.copy())
     for line in out.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])["ru_maxrss"]
+            return json.loads(line[len("CHILD_RESULT "):])
     raise RuntimeError(f"child {method} rank {rank} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
 
 
-def measure_memory(args, rank: int, models_dir: Path) -> dict[str, int]:
-    """Peak RSS above the model-only baseline, bytes, per method; two children at a time."""
+def measure_memory(args, rank: int, models_dir: Path) -> dict[str, tuple[int, int | None]]:
+    """Per method, bytes: (ru_maxrss − the baseline child's ru_maxrss, VmHWM − VmRSS before the run or None)."""
     jobs = ["baseline", "A", "B", "C", "D"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         peaks = dict(zip(jobs, pool.map(lambda m: spawn_child(args, m, rank, models_dir), jobs)))
-    return {m: peaks[m] - peaks["baseline"] for m in jobs[1:]}
+    base = peaks["baseline"]["ru_maxrss"]
+    return {m: (peaks[m]["ru_maxrss"] - base, peaks[m]["run_peak"]) for m in jobs[1:]}
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -439,6 +492,7 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
     ("whole run: comfy.sample.sample", "comfy/sample.py", "sample"),
     ("LoraSetLoad ×3 (nodes)", "nodes/ui/loading.py", "load"),
     ("LoraSetSwitch node (resolve set, attach)", "nodes/ui/composition.py", "switch"),
+    ("  resolve_set (key mapping, patch lists)", "nodes/patching.py", "resolve_set"),
     ("load_models_gpu", "comfy/model_management.py", "load_models_gpu"),
     ("SAMPLER_SAMPLE wrapper (everything in the run)", "nodes/runtime/binding.py", "sampler_sample"),
     ("  step probe (probe_steps)", "nodes/runtime/step_tracker.py", "probe_steps"),
@@ -467,13 +521,16 @@ def profile_switch(methods: Methods, rank: int) -> None:
         hits = [(v[3], v[1]) for (path, _line, name), v in stats.stats.items()
                 if name == func and path.replace(os.sep, "/").endswith(suffix)]
         if hits:
-            ct = max(h[0] for h in hits)  # one definition per file; max guards against duplicates
-            calls = sum(h[1] for h in hits)
+            ct, calls = max(hits)  # several same-named functions in one file (e.g. _forward): the outermost
             print(f"  {label:<50} {ct:8.3f} s  {calls:5d} calls  ({100 * ct / wall:5.1f} %)")
         else:
             print(f"  {label:<50}      n/a")
-    print("\ntop 25 by cumulative time:")
+    print("\nthe pack's functions, top 20 by cumulative time:")
+    stats.sort_stats("cumulative").print_stats(r"/nodes/|/kernels/", 20)
+    print("top 25 by cumulative time:")
     stats.sort_stats("cumulative").print_stats(25)
+    print("top 15 by own time (where the CPU goes: torch ops show as built-in methods):")
+    stats.sort_stats("tottime").print_stats(15)
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -506,7 +563,9 @@ def parse_args():
     p.add_argument("--every", type=int, default=None, help="τ = switch_every (default 5; --quick: 2)")
     p.add_argument("--latent", type=int, default=None, help="latent side (default 64 = 512 px; --quick: 16)")
     p.add_argument("--model-channels", type=int, default=None, help="UNet model_channels (default 96; --quick: 32)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on this shared 2-core machine 2 threads made a UNet call "
+                        "5-20x slower and erratic as soon as other processes ran)")
     p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
                    help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
@@ -542,7 +601,7 @@ def main() -> None:
     print(f"LoRA Switch benchmark — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
-    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    model = build_model(args)
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
     unmerged_ranks = () if args.no_unmerged_table else UNMERGED_RANKS
@@ -555,7 +614,7 @@ def main() -> None:
     print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
           f"({args.latent * 8} px), cfg {CFG:g} (cond+uncond = 2 rows per UNet call), seed {SEED}; "
           f"Switch: k = {K}, τ = {args.every}, schedule paper")
-    print(f"LoRAs: kohya, alpha = rank/2, {K} at each rank {RANKS}" +
+    print(f"LoRAs: kohya, alpha = {LORA_ALPHA_PER_SQRT_RANK:g}·√rank, {K} at each rank {RANKS}" +
           (f", 1 at rank {[r for r in unmerged_ranks if r not in RANKS]}" if unmerged_ranks else ""))
 
     methods = Methods(env, model, args, models_dir / "loras")
@@ -564,17 +623,18 @@ def main() -> None:
             methods.lora_sd(name)
     flops, layers, fwd_seconds = count_flops(model, methods, targets)
     print(f"UNet FLOPs per call (2 rows, FlopCounterMode): {flops / 1e9:.1f} GFLOP; the {len(layers)} target layers "
-          f"account for {layer_flops(layers) / 1e9:.1f} GFLOP; one UNet call took {fwd_seconds:.2f} s")
+          f"account for {layer_flops(layers) / 1e9:.1f} GFLOP; one UNet call took {fwd_seconds[0]:.2f} s "
+          f"({fwd_seconds[1]:.2f} s CPU)")
     print(f"keyframe start_percent per switch step (C): "
           + ", ".join(f"step {s}: {methods.percents[s]:.4f}" for s in range(args.every, args.steps, args.every)))
     configs = [("main", m, r) for r in RANKS for m in METHODS]
     configs += [("one", s, r) for r in unmerged_ranks for s in ("merged", "unmerged")]
-    eta = (args.repeats + 1) * len(configs) * args.steps * fwd_seconds
+    eta = (args.repeats + 1) * len(configs) * args.steps * fwd_seconds[0]
     print(f"{len(configs)} runs per round, {args.repeats} timed rounds + 1 warm-up: "
           f"estimated ≥ {eta / 60:.1f} min for the timings (UNet calls only)", flush=True)
 
     freeze_gc()
-    times: dict[tuple, list[float]] = {}
+    times: dict[tuple, list[tuple[float, float]]] = {}
     warm_outputs: dict[tuple, object] = {}
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
         for cfg in configs:
@@ -596,20 +656,50 @@ def main() -> None:
 
     memory = {} if args.no_memory else measure_memory(args, RANKS[0], models_dir)
 
-    med = {cfg: statistics.median(v) for cfg, v in times.items()}
     print()
     print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "
-          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed)")
+          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed). "
+          "Each table twice: wall clock, and process CPU time (one torch thread: CPU time leaves out waiting "
+          "for a core that another process holds)")
+    missed = False
+    for clock, c_i in (("wall clock", 0), ("process CPU time", 1)):
+        med = {cfg: statistics.median(t[c_i] for t in v) for cfg, v in times.items()}
+        missed |= print_tables(med, {cfg: [t[c_i] for t in v] for cfg, v in times.items()}, clock, args, layers,
+                               flops, unmerged_ranks)
+
+    if memory:
+        print()
+        print(f"Peak memory of one run, fresh child process per method, rank {RANKS[0]}, MiB:")
+        print("  ru_maxrss − ru_maxrss of a child that only builds the model and loads the LoRAs (0 when the run "
+              "peaks below start-up's peak);")
+        print("  run peak = VmHWM after the run − VmRSS before it (peak counter reset via /proc/self/clear_refs)")
+        mw = (34, 12, 10)
+        print(fmt_row(("method", "ru_maxrss Δ", "run peak"), mw))
+        for m in "ABCD":
+            ru, run_peak = memory[m]
+            print(fmt_row((METHODS[m], f"{ru / 2**20:.1f}",
+                           "n/a" if run_peak is None else f"{run_peak / 2**20:.1f}"), mw))
+
+    print()
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    if args.profile or missed:
+        if missed:
+            print("B missed a target: profiling one B run")
+        profile_switch(methods, RANKS[0])
+
+
+def print_tables(med: dict, samples: dict, clock: str, args, layers: dict, flops: int, unmerged_ranks) -> bool:
+    """The main tables (one per rank) and the unmerged table for one clock; returns whether B missed a target."""
     widths = (34, 8, 8, 8, 11)
     missed = False
     for rank in RANKS:
         a = med[("main", "A", rank)]
         print()
-        print(f"rank {rank}, k = {K}, τ = {args.every}")
+        print(f"[{clock}] rank {rank}, k = {K}, τ = {args.every}")
         print(fmt_row(("method", "median", "min", "vs A", "extra vs A"), widths))
         for m, label in METHODS.items():
             v = med[("main", m, rank)]
-            print(fmt_row((label, f"{v:.3f}", f"{min(times[('main', m, rank)]):.3f}", f"{v / a:.3f}",
+            print(fmt_row((label, f"{v:.3f}", f"{min(samples[('main', m, rank)]):.3f}", f"{v / a:.3f}",
                            f"{v - a:+.3f}"), widths))
         b, c, d = (med[("main", m, rank)] for m in "BCD")
         ba, bc, bd = b / a, b / c, b / d
@@ -622,13 +712,12 @@ def main() -> None:
         extra_core = min(c, d) - a
         print(f"  switching cost above A: B {b - a:+.3f} s, C {c - a:+.3f} s, D {d - a:+.3f} s"
               + (f"; B's / min(C, D)'s = {(b - a) / extra_core:.2f}" if extra_core > 0 else ""))
-
     if unmerged_ranks:
         print()
-        print("Unmerged runtime, one LoRA on all rows vs merged (LoraSetSwitch with a one-entry set), seconds per run;")
-        print("FLOP ratio = (UNet + adapter FLOPs) / UNet FLOPs per UNet call, adapter FLOPs = Σ 2·r·(in+out)·tokens "
+        print(f"[{clock}] unmerged runtime, one LoRA on all rows vs merged (LoraSetSwitch, one-entry set), s per run;")
+        print("  FLOP ratio = (UNet + adapter FLOPs) / UNet FLOPs per UNet call; adapter FLOPs = Σ 2·r·(in+out)·tokens "
               "over the patched layers")
-        uw = (6, 8, 9, 16, 15, 14, 11)
+        uw = (6, 8, 9, 16, 14, 11, 11)
         print(fmt_row(("rank", "merged", "unmerged", "unmerged/merged", "adapter GFLOP", "UNet GFLOP", "FLOP ratio"),
                       uw))
         for rank in unmerged_ranks:
@@ -636,19 +725,7 @@ def main() -> None:
             lf = lora_flops(layers, rank)
             print(fmt_row((rank, f"{mg:.3f}", f"{um:.3f}", f"{um / mg:.3f}", f"{lf / 1e9:.2f}", f"{flops / 1e9:.1f}",
                            f"{1 + lf / flops:.3f}"), uw))
-
-    if memory:
-        print()
-        print(f"Peak RSS above the model-only baseline (fresh child process per method, ru_maxrss; rank {RANKS[0]}), MiB")
-        for m in "ABCD":
-            print(fmt_row((METHODS[m], f"{memory[m] / 2**20:.1f}"), (34, 9)))
-
-    print()
-    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
-    if args.profile or missed:
-        if missed:
-            print("B missed a target: profiling one B run")
-        profile_switch(methods, RANKS[0])
+    return missed
 
 
 def check_outputs(outputs: dict, unmerged_ranks) -> None:
@@ -665,6 +742,9 @@ def check_outputs(outputs: dict, unmerged_ranks) -> None:
                 f"E vs B {relative_difference(o['E'], o['B']):.2e}; B vs A {relative_difference(o['B'], o['A']):.2e} "
                 "(must differ: the LoRAs switch)")
         print(line)
+        if relative_difference(o["B"], o["A"]) < 10 * MATCH_REL:
+            print(f"WARNING: rank {rank}: the LoRAs change the output by less than 10× the guard's tolerance; "
+                  "the B = D check cannot tell a wrong schedule apart")
         if not bd <= MATCH_REL:
             print(f"WARNING: rank {rank}: B (LoraSetSwitch) and D (core hook-group guider) differ by {bd:.2e} relative "
                   f"> {MATCH_REL:g}: the timings do not compare the same computation")
