@@ -54,6 +54,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -357,6 +358,13 @@ def main() -> None:
     args.mem_repeats = args.mem_repeats or (1 if args.quick else 2)
 
     work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-"))
+    try:
+        run_benchmark(args, repeats, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the LoRA files: up to 160 MiB per run
+
+
+def run_benchmark(args, repeats: int, work: Path) -> None:
     models_dir = work / "models"
     t_start = time.perf_counter()
     env = comfy_env.start(models_dir=models_dir, quiet=False)

@@ -42,17 +42,22 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CP
   are printed too.
 * Peak memory (unless ``--no-memory``): every method once in a fresh child process (hidden
   ``--child``; Composite at the largest k, ``--mem-steps`` sampler steps, default 2 — the peak is
-  reached within the first step): the child's peak RSS minus that of a child that only builds the
-  model and loads the LoRA files (core's state dicts and the pack's file cache). In both, the kernel's
-  RSS high-water mark is reset (``/proc/self/clear_refs`` ← 5) once the setup is done, since the
-  start-up peak would otherwise hide the run's, and the peak is read as ``VmHWM``: ``ru_maxrss`` of an
-  exec'd child also holds the high-water mark of the process that spawned it (the kernel folds the
-  pre-exec mm's peak into it), i.e. of this large parent, so it reads the same for every child
-  (``ru_maxrss`` is used only where ``clear_refs`` is not writable). The children run with a fixed glibc
-  mmap threshold (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave RSS instead of being reused unseen.
-* If a target is missed (or with ``--profile``), one run of each method that missed is profiled with
-  cProfile and the time in ``MergedSwapper.activate`` / ``calculate_weight``, the unmerged hooks, the
-  batching and the UNet is printed.
+  reached within the first step; two children at a time, one torch thread each): the child's peak
+  RSS minus that of a child that only builds the model and loads the LoRA files (core's state dicts
+  and the pack's file cache). In both, the kernel's RSS high-water mark is reset
+  (``/proc/self/clear_refs`` ← 5) once the setup is done, since the start-up peak would otherwise
+  hide the run's, and the peak is read as ``VmHWM``: ``ru_maxrss`` of an exec'd child also holds the
+  high-water mark of the process that spawned it (the kernel folds the pre-exec mm's peak into it),
+  i.e. of this large parent, so it reads the same for every child (``ru_maxrss`` is used only where
+  ``clear_refs`` is not writable). The children run with a fixed glibc mmap threshold
+  (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave RSS instead of being reused unseen.
+* If a Composite target is missed, one merged and one unmerged Composite run (smallest k that
+  missed) are profiled with cProfile, likewise an AutoLoRA method that missed (``--profile``:
+  always), and the time in ``MergedSwapper.activate`` / ``calculate_weight``, the unmerged hooks,
+  the batching and the UNet is printed.
+* Time budget: the default run must finish in < 25 min. After timing one bare UNet call, the default
+  k-list (2, 3, 5) is reduced (2, 5 → 2, 3 → 2) if the estimate exceeds 23 min, and a NOTE line says
+  so; ``--k`` forces a list.
 
 Attention: ``--attention pytorch`` (default) makes ComfyUI use torch SDPA, as on NVIDIA GPUs;
 ``--attention comfy`` keeps ComfyUI's CPU default (sub-quadratic attention, slower). torch runs on
@@ -110,6 +115,10 @@ TARGET_COMPOSITE_OVER_FLOOR = 1.05  # best Composite ≤ 1.05 × (k × S)
 TARGET_COMPOSITE_OVER_CORE = 1.0  # Composite / hook-group and Composite / re-patch < 1
 TARGET_AUTOLORA_MODEL = 2.05  # AutoLoraGuidance ≤ 2.05 × S
 TARGET_AUTOLORA_GUIDER = 2.10  # AutoLoraGuider ≤ 2.10 × S
+BUDGET_S = 23 * 60  # the default run must finish in < 25 min (setup included)
+K_FALLBACKS = ((2, 3, 5), (2, 5), (2, 3), (2,))
+OVERHEAD = 1.2  # run time / bare UNet time (patching, wrappers, CFG, sampler), for the estimate
+CHILD_START_S = 30.0  # one memory child's start-up (imports, model, LoRA files), for the estimate
 
 COMPOSITE_METHODS = {  # key → label (run for every k)
     "CM": "CM LoraSetComposite merged",
@@ -468,7 +477,7 @@ def child_env() -> dict:
 
 def child_command(args, method: str, models_dir: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--mem-k", str(args.mem_k),
-           "--models-dir", str(models_dir), "--threads", str(args.threads), "--attention", args.attention,
+           "--models-dir", str(models_dir), "--threads", "1", "--attention", args.attention,
            "--steps", str(args.mem_steps), "--latent", str(args.latent), "--model-channels", str(args.model_channels)]
     return cmd + (["--quick"] if args.quick else [])
 
@@ -489,7 +498,7 @@ def spawn_child(args, method: str, models_dir: Path) -> int:
 
 
 def measure_memory(args, models_dir: Path) -> dict[str, int]:
-    """Peak RSS above the model+LoRA-files baseline, bytes, per method; two children at a time."""
+    """Peak RSS above the model+LoRA-files baseline, bytes, per method; two children at a time (1 thread each)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         peaks = dict(zip(MEMORY_JOBS, pool.map(lambda m: spawn_child(args, m, models_dir), MEMORY_JOBS)))
     return {m: peaks[m] - peaks["baseline"] for m in MEMORY_JOBS[1:]}
@@ -593,8 +602,44 @@ def parse_args():
         p.error("--repeats must be ≥ 1")
     args.latent = args.latent or LATENT[mode]
     args.model_channels = args.model_channels or MODEL_CHANNELS[mode]
+    args.k_given = args.k is not None
+    args.mem_k_given = args.mem_k is not None
     args.mem_k = args.mem_k or max(args.ks)
     return args
+
+
+def forwards_per_round(steps: int, ks) -> int:
+    """UNet-call equivalents (2 rows each) of one round: S, 4 Composite methods × k, 4 AutoLoRA methods × 2."""
+    return steps * (1 + 4 * sum(ks) + 2 * len(AUTOLORA_METHODS))
+
+
+def estimate_seconds(args, ks, fwd: float) -> float:
+    """Rough wall time of the rest of the run from one bare UNet call's seconds (``fwd``)."""
+    rounds = (0 if args.memory_only else args.repeats) + 1
+    total = rounds * forwards_per_round(args.steps, ks) * fwd * OVERHEAD
+    if not args.no_memory:
+        total += len(MEMORY_JOBS) * CHILD_START_S / 2 + forwards_per_round(args.mem_steps, [max(ks)]) * fwd * OVERHEAD
+    if not args.memory_only:  # the cProfile runs of a missed Composite target (merged + unmerged, smallest k)
+        total += 2 * args.steps * min(ks) * fwd * OVERHEAD * 1.3
+    return total
+
+
+def fit_k_list(args, fwd: float, elapsed: float) -> None:
+    """Default run only: drop k values (2,3,5 → 2,5 → 2,3 → 2) until the estimate fits the time budget."""
+    if args.k_given or args.quick:
+        return
+    for ks in K_FALLBACKS:
+        if set(ks) <= set(args.ks) and elapsed + estimate_seconds(args, ks, fwd) <= BUDGET_S:
+            break
+    if elapsed + estimate_seconds(args, ks, fwd) > BUDGET_S:
+        print(f"WARNING: even k = {list(ks)} is estimated at {(elapsed + estimate_seconds(args, ks, fwd)) / 60:.0f} "
+              f"min, over the {BUDGET_S / 60:.0f}-min budget (a slow or busy machine?)")
+    if ks != args.ks:
+        print(f"NOTE: k-list reduced from {list(args.ks)} to {list(ks)} so that the run fits the "
+              f"{BUDGET_S / 60:.0f}-min budget (estimated from one bare UNet call; force it with --k)")
+        args.ks = ks
+        if not args.mem_k_given:
+            args.mem_k = max(ks)
 
 
 def check_outputs(outputs: dict, ks) -> None:
@@ -724,11 +769,13 @@ def main() -> None:
     methods = Methods(env, model, args, models_dir / "loras")
     methods.warm_caches(lora_names(n_loras))
     fwd = time_one_forward(model, methods)
+    fit_k_list(args, fwd, time.perf_counter() - t_start)
     configs = [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]
-    forwards = args.steps * (1 + 4 * sum(args.ks) + 2 * len(AUTOLORA_METHODS))
-    eta = ((0 if args.memory_only else args.repeats) + 1) * forwards * fwd
+    forwards = forwards_per_round(args.steps, args.ks)
+    eta = estimate_seconds(args, args.ks, fwd)
     print(f"one bare UNet call (2 rows) took {fwd:.2f} s; {len(configs)} runs per round ≈ {forwards} UNet-call "
-          f"equivalents; {args.repeats} timed rounds + 1 warm-up: estimated ≥ {eta / 60:.1f} min", flush=True)
+          f"equivalents; {0 if args.memory_only else args.repeats} timed rounds + 1 warm-up"
+          f"{'' if args.no_memory else ' + memory children'}: estimated {eta / 60:.1f} min from here", flush=True)
 
     freeze_gc()
     times: dict[tuple, list[float]] = {}
@@ -781,7 +828,9 @@ def main() -> None:
 
     print()
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
-    to_profile = list(dict.fromkeys(missed))
+    missed_ks = [k for m, k in missed if m in COMPOSITE_METHODS]
+    to_profile = [(m, min(missed_ks)) for m in ("CM", "CU")] if missed_ks else []  # smallest k: same overheads
+    to_profile += [(m, k) for m, k in missed if m not in COMPOSITE_METHODS]
     if args.profile and not to_profile:
         to_profile = [("CM", max(args.ks)), ("CU", max(args.ks)), ("AM", 0), ("AG", 0)]
     if to_profile:
