@@ -81,11 +81,32 @@ def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
     return True
 
 
+def keys_present(key_map: dict, tensors: dict) -> dict:
+    """The part of ``key_map`` that can match anything in ``tensors``, in ``key_map``'s order.
+
+    ``load_lora`` formats and probes a dozen tensor names for every key-map entry (tens of thousands
+    for an SDXL model); every name it probes is ``"{prefix}." + suffix`` or ``"{prefix}_lora." + suffix``,
+    so entries whose prefix is not such a start of some tensor name can never match. Filtering them
+    first gives the same patches (same iteration order) in a fraction of the time.
+    """
+    starts = set()
+    for name in tensors:
+        start = name.find(".")
+        while start != -1:
+            starts.add(name[:start])
+            start = name.find(".", start + 1)
+        start = name.find("_lora.")
+        while start != -1:
+            starts.add(name[:start])
+            start = name.find("_lora.", start + 1)
+    return {prefix: target for prefix, target in key_map.items() if prefix in starts}
+
+
 def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict | None,
                   family: str) -> EntryPatches:
     """Turn one entry into patches for the model and CLIP, checking names and shapes first."""
     tensors = normalize_keys(entry.tensors())
-    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    patches = comfy.lora.load_lora(tensors, keys_present(key_map, tensors), log_missing=False)
     result = EntryPatches(name=entry.name)
     groups = group_modules(tensors)
     result.total_modules = len(groups)

@@ -8,6 +8,12 @@ to static application, and switching never accumulates rounding error (no W + Δ
 Memory: the Parameter objects found at the start are kept by reference (as ComfyUI's own backup
 does) and put back at the end, so besides the LoRA tensors we hold one patched copy per layer — the
 same as one statically applied LoRA — plus one layer's temporary while computing.
+
+Speed: a switch is paid inside the sampling loop, so plain low-rank patches on fp32 weights (the
+common case) take a fast path that rewrites the previous patched copy in place — ``copy_`` of the
+original, then ``up @ down`` scaled and added in exactly core's operation order (still bit-identical)
+— instead of allocating a fresh fp32 copy per layer. Fresh allocations page-fault on first touch,
+which on CPU costs as much as the arithmetic. Everything else goes through ``calculate_weight``.
 """
 from __future__ import annotations
 
@@ -46,26 +52,86 @@ class MergedSwapper:
         self.active = None
         self.cached_sets = cached_sets
         self._cache: "OrderedDict[object, dict[str, torch.nn.Parameter]]" = OrderedDict()
+        # Patched Parameters of ours that nothing else refers to (not in the model, not cached): reused in place.
+        self._spare: dict[str, torch.nn.Parameter] = {}
+        self._scratch: torch.Tensor | None = None  # one layer's ΔW, sized to the largest fast-path layer
 
     def _set(self, key: str, patches: list | None) -> None:
         weight, set_func, convert_func = get_key_weight(self.base_model, key)
         if key not in self.originals:
             self.originals[key] = comfy.utils.get_attr(self.base_model, key)
         original = self.originals[key]
+        current = comfy.utils.get_attr(self.base_model, key)
+        if current is not original and not self._is_cached(key, current):
+            self._spare[key] = current  # about to be replaced: free for in-place reuse
         if not patches:
             comfy.utils.set_attr(self.base_model, key, original)
+            return
+        if set_func is not None:
+            raise NotImplementedError(f"{key}: quantized weights need the unmerged runtime")
+        if convert_func is None and self._fast_lowrank(key, original, patches):
             return
         temp = original.to(_compute_dtype(original.device), copy=True)
         if convert_func is not None:
             temp = convert_func(temp, inplace=True)
         out = comfy.lora.calculate_weight(patches, temp, key)
-        if set_func is not None:
-            raise NotImplementedError(f"{key}: quantized weights need the unmerged runtime")
-        if comfy_float is not None:
+        if comfy_float is not None and original.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             out = comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(key))
-        else:
+        else:  # stochastic_rounding is a plain cast for these dtypes (its seed only matters for fp8)
             out = out.to(original.dtype)
+        self._spare.pop(key, None)
         comfy.utils.set_attr_param(self.base_model, key, out)
+
+    def _is_cached(self, key: str, param) -> bool:
+        return any(cached.get(key) is param for cached in self._cache.values())
+
+    def _fast_lowrank(self, key: str, original: torch.Tensor, patches: list) -> bool:
+        """``original + Σ strength·scale·(up @ down)`` into a reused buffer; False if not plain LoRA in fp32.
+
+        Same operations in the same order as ``calculate_weight`` → ``LoRAAdapter.calculate_weight``
+        (fp32 intermediates, ``mm`` then one scalar multiply, then ``+=``), so the result is bit-identical.
+        """
+        if original.dtype != torch.float32 or _compute_dtype(original.device) != torch.float32:
+            return False
+        factors = []
+        for p in patches:
+            strength, adapter, strength_model, offset, function = p[:5]
+            if strength_model != 1.0 or offset is not None or function is not None:
+                return False
+            if getattr(adapter, "name", None) != "lora" or not isinstance(getattr(adapter, "weights", None), tuple):
+                return False
+            w = adapter.weights
+            if len(w) < 5 or w[3] is not None or w[4] is not None or (len(w) > 5 and w[5] is not None):
+                return False  # mid (Tucker), DoRA or reshape: the general path
+            if not isinstance(w[2], (float, int, type(None))):
+                return False
+            up = w[0].to(original.device, torch.float32).flatten(1)
+            down = w[1].to(original.device, torch.float32).flatten(1)
+            if up.shape[0] * down.shape[1] != original.numel():
+                return False
+            scale = 1.0 if w[2] is None else w[2] / w[1].shape[0]
+            factors.append((strength * scale, up, down))
+        buffer = self._spare.pop(key, None)
+        if buffer is None or buffer.shape != original.shape or buffer.device != original.device:
+            buffer = torch.nn.Parameter(torch.empty_like(original), requires_grad=False)
+        scratch = self._scratch_for(original)
+        with torch.no_grad():
+            buffer.copy_(original)
+            for factor, up, down in factors:
+                delta = scratch.view(up.shape[0], down.shape[1])
+                torch.mm(up, down, out=delta)
+                delta.mul_(factor)
+                buffer.add_(delta.view(original.shape))
+        comfy.utils.set_attr(self.base_model, key, buffer)
+        return True
+
+    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < like.numel() or scratch.device != like.device:
+            largest = max((comfy.utils.get_attr(self.base_model, k).numel() for k in self.keys), default=0)
+            scratch = torch.empty(max(largest, like.numel()), dtype=torch.float32, device=like.device)
+            self._scratch = scratch
+        return scratch[:like.numel()]
 
     def activate(self, option: "int | tuple[float, ...] | None") -> bool:
         """Bake an option into the weights; returns whether anything changed.
@@ -83,6 +149,9 @@ class MergedSwapper:
         if cached is not None:
             self._cache.move_to_end(option)
             for key, param in cached.items():
+                current = comfy.utils.get_attr(self.base_model, key)
+                if current is not self.originals.get(key, current) and not self._is_cached(key, current):
+                    self._spare[key] = current
                 comfy.utils.set_attr(self.base_model, key, param)
         else:
             for key in self.keys:
@@ -90,7 +159,10 @@ class MergedSwapper:
             if option is not None and self.cached_sets > 0:
                 self._cache[option] = {k: comfy.utils.get_attr(self.base_model, k) for k in self.keys}
                 while len(self._cache) > self.cached_sets:
-                    self._cache.popitem(last=False)
+                    _, evicted = self._cache.popitem(last=False)
+                    for key, param in evicted.items():
+                        if param is not self.originals.get(key) and param is not comfy.utils.get_attr(self.base_model, key):
+                            self._spare[key] = param
         self.active = option
         return True
 
@@ -111,4 +183,6 @@ class MergedSwapper:
             comfy.utils.set_attr(self.base_model, key, original)
         self.originals.clear()
         self._cache.clear()
+        self._spare.clear()
+        self._scratch = None
         self.active = None

@@ -151,3 +151,45 @@ def test_merged_swap_is_bit_exact_and_restores_parameters(env, model):
     after = {k: v for k, v in model.model.named_parameters()}
     assert all(after[k] is before[k] for k in before), "the original Parameter objects are back"
     assert all(torch.equal(snapshot[k], v) for k, v in model.model.state_dict().items())
+
+
+@pytest.mark.parametrize("cached_sets", [0, 1])
+def test_in_place_swaps_stay_bit_exact(env, model, cached_sets):
+    """Back-to-back switches reuse the previous patched copy in place (the fast path for plain LoRA,
+    fp32): every activation must still equal core's static patching bit for bit, in any order, with
+    and without the weight-set cache, and mixing fast-path (lora, locon) with general-path (tucker, dora) entries."""
+    import comfy.model_management as mm
+    _formats(env, model)
+    patching = env.engine("nodes.patching")
+    swap = env.engine("nodes.runtime.merged_swap")
+    names, strengths = ["lora", "locon", "tucker", "dora"], [0.7, -1.3, 0.9, 1.0]
+    resolved = patching.resolve_set(model, None, _set(names, strengths))
+    options = [patching.model_patch_lists(e, p) for e, p in resolved]
+    core = []
+    for name, strength in zip(names, strengths):
+        static = call_node("LoraSetApply", model=model, lora_set=_set([name], [strength]))[0]
+        mm.load_models_gpu([static], force_full_load=True)
+        core.append(weights_snapshot(static.model))
+        mm.unload_all_models()
+    mixture = call_node("LoraSetApply", model=model, lora_set=_set(["lora", "locon"], [0.7 * 0.5, -1.3 * 0.25]))[0]
+    mm.load_models_gpu([mixture], force_full_load=True)
+    core_mixture = weights_snapshot(mixture.model)
+    mm.unload_all_models()
+    snapshot = weights_snapshot(model.model)
+    before = dict(model.model.named_parameters())
+    swapper = swap.MergedSwapper(model.model, options, cached_sets=cached_sets)
+    fast_layers = []
+    plain_fast = swapper._fast_lowrank
+    swapper._fast_lowrank = lambda key, *a: plain_fast(key, *a) and not fast_layers.append(key)
+    for j in (0, 1, 0, 2, 3, 1, 2, 0):
+        swapper.activate(j)
+        ours = weights_snapshot(model.model)
+        assert all(torch.equal(ours[k], core[j][k]) for k in core[j]), (j, names[j])
+    swapper.activate((0.5, 0.25, 0.0, 0.0))
+    ours = weights_snapshot(model.model)
+    assert all(torch.equal(ours[k], core_mixture[k]) for k in core_mixture)
+    assert len(fast_layers) > len(options[0]), "the in-place fast path ran (and was reused across switches)"
+    swapper.restore()
+    after = dict(model.model.named_parameters())
+    assert all(after[k] is before[k] for k in before)
+    assert all(torch.equal(snapshot[k], v) for k, v in model.model.state_dict().items())
