@@ -54,11 +54,13 @@ class AdapterRuntime:
     """Options (LoRAs as ComfyUI patch lists) plus a policy saying which act at each model call.
 
     ``select(step) → option`` (Switch) or ``mixture(step) → [(coefficient, option), …]``.
+    ``cached_sets``: weight sets the merged strategy keeps (an int, or ``"fit"``: one per option while
+    they fit in half of ``free_memory``); see ``MergedSwapper``.
     """
 
     def __init__(self, options: list[dict[str, list[tuple]]], *, select: Callable[[int], object] | None = None,
                  mixture: Callable[[int], Mixture] | None = None, strategy: str = "auto", label: str = "runtime",
-                 cached_sets: int = 0, free_memory: Callable[[torch.device], float] | None = None):
+                 cached_sets: "int | str" = 0, free_memory: Callable[[torch.device], float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         self.options = options
@@ -97,7 +99,8 @@ class AdapterRuntime:
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
         if self.chosen_strategy(noise.device) == "merged":
-            run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
+            run.swapper = MergedSwapper(base_model, self.options, cached_sets=0)
+            run.swapper.cached_sets = self.sets_to_cache(run.swapper, noise.device)
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)
             run.hooks.install(base_model, noise.device)
@@ -112,6 +115,22 @@ class AdapterRuntime:
             self.history.append(run.steps_seen)
             self.forwards.append(run.forwards)
             self.run = None
+
+    def sets_to_cache(self, swapper: MergedSwapper, device: torch.device) -> int:
+        """``cached_sets`` as given, or for ``"fit"``: one per option while they fit in half the free memory.
+
+        A mixture evaluates every option at every model call; with each option's weights cached a swap
+        is a pointer move (ComfyUI core's hook-group guider keeps the same copies), without it every
+        call recomputes k patched weight sets.
+        """
+        if self.cached_sets != "fit":
+            return int(self.cached_sets)
+        per_set = max(swapper.set_bytes(), 1)
+        fit = int(0.5 * self.free_memory(device) // per_set)
+        if fit < len(self.options):
+            log.info("[LoRA Composer] %s: caching %d of %d LoRA weight sets (%.0f MiB each; memory is short), "
+                     "the rest are recomputed when used", self.key, max(fit, 0), len(self.options), per_set / 2**20)
+        return max(0, min(len(self.options), fit))
 
     def activate(self, option) -> None:
         """Make ``option`` act on every row of the following network evaluations (inside a run)."""

@@ -17,8 +17,6 @@ which on CPU costs as much as the arithmetic. Everything else goes through ``cal
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.utils
@@ -44,6 +42,8 @@ class MergedSwapper:
 
         ``cached_sets``: how many computed weight sets to keep for instant re-activation. Each costs one
         patched copy of the LoRA'd layers (what one statically applied LoRA holds); 0 recomputes.
+        The first sets computed stay (no eviction): mixtures visit their options cyclically, and an
+        LRU cache smaller than the cycle would miss on every access.
         """
         self.base_model = base_model
         self.options = patches_per_option
@@ -51,7 +51,7 @@ class MergedSwapper:
         self.originals: dict[str, torch.nn.Parameter] = {}
         self.active = None
         self.cached_sets = cached_sets
-        self._cache: "OrderedDict[object, dict[str, torch.nn.Parameter]]" = OrderedDict()
+        self._cache: dict[object, dict[str, torch.nn.Parameter]] = {}
         # Patched Parameters of ours that nothing else refers to (not in the model, not cached): reused in place.
         self._spare: dict[str, torch.nn.Parameter] = {}
         self._scratch: torch.Tensor | None = None  # one layer's ΔW, sized to the largest fast-path layer
@@ -147,7 +147,6 @@ class MergedSwapper:
             return False
         cached = self._cache.get(option)
         if cached is not None:
-            self._cache.move_to_end(option)
             for key, param in cached.items():
                 current = comfy.utils.get_attr(self.base_model, key)
                 if current is not self.originals.get(key, current) and not self._is_cached(key, current):
@@ -156,13 +155,8 @@ class MergedSwapper:
         else:
             for key in self.keys:
                 self._set(key, self.patch_lists(option, key))
-            if option is not None and self.cached_sets > 0:
+            if option is not None and len(self._cache) < self.cached_sets:
                 self._cache[option] = {k: comfy.utils.get_attr(self.base_model, k) for k in self.keys}
-                while len(self._cache) > self.cached_sets:
-                    _, evicted = self._cache.popitem(last=False)
-                    for key, param in evicted.items():
-                        if param is not self.originals.get(key) and param is not comfy.utils.get_attr(self.base_model, key):
-                            self._spare[key] = param
         self.active = option
         return True
 
@@ -176,6 +170,11 @@ class MergedSwapper:
             if weight != 0:
                 lists += [(p[0] * weight, *p[1:]) for p in entry_option.get(key, [])]
         return lists or None
+
+    def set_bytes(self) -> int:
+        """Bytes of one patched copy of every layer any option touches (what one cached set costs)."""
+        return sum(p.numel() * p.element_size()
+                   for p in (comfy.utils.get_attr(self.base_model, k) for k in self.keys))
 
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""

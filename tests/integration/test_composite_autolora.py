@@ -155,6 +155,32 @@ def test_composite_batched_equals_sequential_and_splits_to_fit(env, setup):
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
 
 
+def test_composite_merged_caches_sets_that_fit_and_recomputes_the_rest(env, setup):
+    """Merged Composite keeps each LoRA's patched weights while half the free memory holds them; with
+    less memory it caches fewer and recomputes the others on every call — same result, bit for bit."""
+    import comfy.model_management as mm
+    model, names, pos, neg = setup
+    composition = env.engine("nodes.composition")
+    s = lora_set(names, [1.0, 0.5, 0.9])
+    results, cached = [], []
+    for free in (None, 2.5, 0.0):  # real free memory (all 3 fit), room for 1 set, none
+        per_set = None
+
+        def free_memory(device, free=free):
+            return float(mm.get_free_memory(device)) if free is None else free * per_set * 2
+
+        m, _, runtime, _ = composition.composite_lora_set(model, None, s, strategy="merged", free_memory=free_memory)
+        swap = env.engine("nodes.runtime.merged_swap")
+        probe = swap.MergedSwapper(model.model, runtime.options)
+        per_set = probe.set_bytes()
+        plain_sets_to_cache = runtime.sets_to_cache
+        runtime.sets_to_cache = lambda swapper, device: cached.append(plain_sets_to_cache(swapper, device)) or cached[-1]
+        results.append(sample_model(m, pos, neg, 4.0))
+    assert cached == [3, 2, 0]
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
+
+
 def test_composite_bad_input(env, setup):
     model, names, pos, neg = setup
     with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):
