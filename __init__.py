@@ -17,4 +17,11 @@ except Exception as _error:  # pragma: no cover - exercised by tests/integration
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 
+try:  # the web extension's metadata route; only a running ComfyUI server has one to extend
+    from .nodes.server_routes import register_routes as _register_routes
+
+    _register_routes()
+except Exception as _error:  # pragma: no cover - never blocks the nodes
+    logging.warning("[LoRA Composer] web routes not registered: %s: %s", type(_error).__name__, _error)
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,4 +1,4 @@
-"""Test-only ComfyUI pack for tests/server: a weight-free model loader and a latent statistics output.
+"""Test-only ComfyUI pack for tests/server, tests/e2e and make demo: weight-free model loaders and a latent stats output.
 
 tests/server/test_server.py links this folder into the test server's ``custom_nodes`` as
 ``lora_composer_testing``. The models come from tests/harness/tiny_models.py (imported by path, so the
@@ -35,6 +35,52 @@ class TinySD15:
         return (tiny.build_unet("sd15", seed=0), tiny.build_sd15_clip(seed=1))
 
 
+class StubVAE:
+    """Stands in for a VAE where none can be built (the engine-only ComfyUI has no VAE code).
+
+    decode: the first three latent channels through a sigmoid, upsampled ×8 (an IMAGE in [0, 1]);
+    encode: the reverse shape (8×8 average pooling). Deterministic, no weights; tests only.
+    """
+
+    downscale_ratio = 8
+    latent_channels = 4
+
+    def decode(self, samples):
+        import torch
+
+        x = torch.sigmoid(samples[:, :3].float())
+        x = torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest")
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    def encode(self, pixels):
+        import torch
+
+        x = pixels[..., :3].permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.avg_pool2d(x, 8)
+        x = torch.logit(x.clamp(1e-3, 1 - 1e-3))
+        return torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)
+
+
+class TinyCheckpoint:
+    """What tests substitute for CheckpointLoaderSimple: tiny UNet + CLIP of a family, and a stub VAE."""
+
+    DESCRIPTION = ("Tiny SD1.5 or SDXL UNet and CLIP with deterministic weights, and a weight-free stub VAE "
+                   "(tests and make demo only; stands in for 'Load Checkpoint').")
+    CATEGORY = "_for_testing/lora_composer"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd15", "sdxl"], {"default": "sd15"})}}
+
+    def load(self, family):
+        tiny = _tiny_models()
+        if family == "sdxl":
+            return (tiny.build_unet("sdxl", seed=0), tiny.build_sdxl_clip(seed=2), StubVAE())
+        return (tiny.build_unet("sd15", seed=0), tiny.build_sd15_clip(seed=1), StubVAE())
+
+
 class LatentStats:
     """Output node: mean, std, min, max and a SHA-256 of the latent's float32 bytes (for bitwise checks)."""
 
@@ -56,6 +102,8 @@ class LatentStats:
         return {"ui": {"stats": [stats]}}
 
 
-NODE_CLASS_MAPPINGS = {"LoraComposerTest_TinySD15": TinySD15, "LoraComposerTest_LatentStats": LatentStats}
+NODE_CLASS_MAPPINGS = {"LoraComposerTest_TinySD15": TinySD15, "LoraComposerTest_LatentStats": LatentStats,
+                       "LoraComposerTest_TinyCheckpoint": TinyCheckpoint}
 NODE_DISPLAY_NAME_MAPPINGS = {"LoraComposerTest_TinySD15": "Tiny SD1.5 (test)",
-                              "LoraComposerTest_LatentStats": "Latent stats (test)"}
+                              "LoraComposerTest_LatentStats": "Latent stats (test)",
+                              "LoraComposerTest_TinyCheckpoint": "Tiny checkpoint + stub VAE (test)"}
