@@ -23,6 +23,10 @@ SDXL_TINY = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_chann
              "legacy": False, "num_head_channels": 16, "adm_in_channels": 64 + 6 * 256,
              "use_temporal_attention": False, "use_temporal_resblock": False, "use_checkpoint": False}
 
+# What sampling the tiny SDXL needs beyond SDXL_TINY (enough for weight-level tests): the label embedding
+# for SDXL's pooled-text/size conditioning, and the width of build_sdxl_clip's context (CLIP-L 64 + CLIP-G 64).
+SDXL_SAMPLING_OVERRIDES = {"num_classes": "sequential", "context_dim": 128}
+
 
 def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
     """comfy.ops layers are created uninitialised (reset_parameters is a no-op): fill them."""

@@ -77,7 +77,8 @@ class TinyCheckpoint:
     def load(self, family):
         tiny = _tiny_models()
         if family == "sdxl":
-            return (tiny.build_unet("sdxl", seed=0), tiny.build_sdxl_clip(seed=2), StubVAE())
+            unet = tiny.build_unet("sdxl", seed=0, config_overrides=tiny.SDXL_SAMPLING_OVERRIDES)
+            return (unet, tiny.build_sdxl_clip(seed=2), StubVAE())
         return (tiny.build_unet("sd15", seed=0), tiny.build_sd15_clip(seed=1), StubVAE())
 
 

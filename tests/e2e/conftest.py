@@ -1,0 +1,123 @@
+"""Fixtures for the end-to-end tests: the example workflows, tiny model files under the names they use,
+and one real ComfyUI server (complete checkout only) shared by the route, workflow and browser tests.
+
+The server is ``python main.py --cpu`` on a free loopback port with a throw-away base directory; the
+pack and the testing pack (tests/server/testing_pack: tiny checkpoints with a stub VAE) are linked into
+its ``custom_nodes``. It serves the real frontend (``comfyui_frontend_package``) when installed, so the
+browser test can open the UI; otherwise a one-line index page.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+from harness import workflows as wf
+from harness.server import ComfyServer, prepare_base_directory
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TESTING_PACK = REPO_ROOT / "tests" / "server" / "testing_pack"
+PACK_DIR_NAME = "comfyui-lora-composer"
+TESTING_PACK_DIR_NAME = "lora_composer_testing"
+ENGINE_ONLY = "needs a complete ComfyUI checkout (COMFYUI_PATH); the engine-only {version} cannot start a server"
+
+CORRUPT_LORA = "corrupt_lora.safetensors"
+TRUNCATED_LORA = "truncated_lora.safetensors"
+PICKLE_LORA = "pickled_lora.pt"
+OUTSIDE_FILE = "outside_models.safetensors"  # written next to models/, never readable through the route
+
+
+def frontend_root() -> Path | None:
+    spec = importlib.util.find_spec("comfyui_frontend_package")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    static = Path(list(spec.submodule_search_locations)[0]) / "static"
+    return static if (static / "index.html").exists() else None
+
+
+@pytest.fixture(scope="session")
+def workflow_paths() -> list[Path]:
+    return wf.workflow_files()
+
+
+@pytest.fixture(scope="session")
+def ui_workflows(workflow_paths) -> dict[str, dict]:
+    return {p.stem: wf.load(p) for p in workflow_paths}
+
+
+@pytest.fixture(scope="session")
+def testing_pack_loaded(env):
+    """The tiny-model test nodes, loaded in-process with ComfyUI's own loader (once)."""
+    import nodes
+
+    if wf.TINY_CHECKPOINT not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(str(TESTING_PACK), module_parent="custom_nodes"))
+    return True
+
+
+def write_model_files(models_dir: Path, workflows: dict[str, dict], defs: dict[str, dict]) -> None:
+    """Tiny LoRAs (per workflow family) and empty placeholder checkpoints under the names the workflows use."""
+    for workflow in workflows.values():
+        files = wf.referenced_files(workflow, defs)
+        family = wf.workflow_family(workflow)
+        wf.write_tiny_loras(models_dir / "loras", files.get("loras", set()), family)
+        for name in files.get("checkpoints", set()):
+            path = models_dir / "checkpoints" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()  # listed by /object_info; the tests substitute the loader before running
+
+
+def write_bad_files(models_dir: Path) -> None:
+    loras = models_dir / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    (loras / CORRUPT_LORA).write_bytes(b"\x00this is not a safetensors file\xff" * 8)
+    good = sorted(p for p in loras.glob("*.safetensors") if p.name not in (CORRUPT_LORA, TRUNCATED_LORA))
+    if good:
+        (loras / TRUNCATED_LORA).write_bytes(good[0].read_bytes()[:200])
+    (loras / PICKLE_LORA).write_bytes(b"\x80\x04not really a pickle")
+    (models_dir / OUTSIDE_FILE).write_bytes(good[0].read_bytes() if good else b"secret")
+
+
+@pytest.fixture(scope="session")
+def workflow_defs(env, testing_pack_loaded, ui_workflows) -> dict[str, dict]:
+    """In-process node definitions for every type the workflows use (plus the tiny checkpoint)."""
+    defs = wf.definitions_for(list(ui_workflows.values()))
+    defs[wf.TINY_CHECKPOINT] = wf.node_definition(wf.TINY_CHECKPOINT)
+    return defs
+
+
+@pytest.fixture(scope="session")
+def in_process_models(env, ui_workflows, workflow_defs) -> Path:
+    """The in-process ComfyUI's models folder with every file the workflows name, and the bad files."""
+    write_model_files(env.models_dir, ui_workflows, workflow_defs)
+    write_bad_files(env.models_dir)
+    return env.models_dir
+
+
+@pytest.fixture(scope="session")
+def live_defs(in_process_models, ui_workflows) -> dict[str, dict]:
+    """Definitions re-read after the model files exist (file combos list them now)."""
+    defs = wf.definitions_for(list(ui_workflows.values()))
+    defs[wf.TINY_CHECKPOINT] = wf.node_definition(wf.TINY_CHECKPOINT)
+    return defs
+
+
+@pytest.fixture(scope="session")
+def e2e_server(env, tmp_path_factory, ui_workflows, workflow_defs):
+    if not env.complete:
+        pytest.skip(ENGINE_ONLY.format(version=env.version))
+    base = tmp_path_factory.mktemp("e2e-server")
+    minimal_front_end = prepare_base_directory(base, {PACK_DIR_NAME: REPO_ROOT, TESTING_PACK_DIR_NAME: TESTING_PACK})
+    write_model_files(base / "models", ui_workflows, workflow_defs)
+    write_bad_files(base / "models")
+    server = ComfyServer(env.root, base, frontend_root() or minimal_front_end)
+    server.has_frontend = frontend_root() is not None
+    server.start()
+    try:
+        server.wait_ready(timeout=180)
+    except RuntimeError as e:
+        server.stop()
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
