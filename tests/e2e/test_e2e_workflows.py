@@ -7,7 +7,7 @@
   through ComfyUI's own validator and executor in this process (tests/harness/executor.py), on both
   versions. **Substitution:** the stock ``CheckpointLoaderSimple`` is replaced by the testing pack's
   ``LoraComposerTest_TinyCheckpoint`` (tiny SD1.5/SDXL UNet and CLIP, weight-free stub VAE, chosen by the
-  checkpoint's file name) and ``EmptyLatentImage`` shrinks to 64×64; everything else — our nodes, samplers,
+  checkpoint's file name), ``EmptyLatentImage`` shrinks to 64×64 and sampler steps are capped at 20; everything else — our nodes, samplers,
   ``ModelSamplingDiscrete``, ``VAEDecode``, ``SaveImage`` — runs as written. The LoRA files are tiny kohya
   LoRAs written under the names the workflows use. Every node of the pack in a workflow must execute.
 """

@@ -232,12 +232,17 @@ def workflow_family(workflow: dict) -> str:
     return "sd15"
 
 
-def substitute_for_tests(workflow: dict, latent_size: int = TEST_LATENT_SIZE) -> dict:
+STEP_WIDGET = {"KSampler": 2, "BasicScheduler": 1}  # index of "steps" in widgets_values
+TEST_MAX_STEPS = 20  # enough for Switch (k = 3, τ = 5) to run every LoRA and come back to the first
+
+
+def substitute_for_tests(workflow: dict, latent_size: int = TEST_LATENT_SIZE, max_steps: int = TEST_MAX_STEPS) -> dict:
     """A copy of ``workflow`` that runs on the tiny test models (UI format, so the browser can load it too):
 
     - ``CheckpointLoaderSimple`` → ``LoraComposerTest_TinyCheckpoint`` (tiny SD1.5 or SDXL by the file name,
       stub VAE); outputs and links are unchanged;
-    - ``EmptyLatentImage`` → ``latent_size`` × ``latent_size`` pixels, batch 1.
+    - ``EmptyLatentImage`` → ``latent_size`` × ``latent_size`` pixels, batch 1;
+    - ``KSampler`` / ``BasicScheduler`` steps capped at ``max_steps``.
     Everything else (our nodes, samplers, VAEDecode, SaveImage…) runs as written.
     """
     out = copy.deepcopy(workflow)
@@ -249,6 +254,9 @@ def substitute_for_tests(workflow: dict, latent_size: int = TEST_LATENT_SIZE) ->
             node.setdefault("properties", {})["Node name for S&R"] = TINY_CHECKPOINT
         elif node["type"] == "EmptyLatentImage":
             node["widgets_values"] = [latent_size, latent_size, 1]
+        elif node["type"] in STEP_WIDGET:
+            index = STEP_WIDGET[node["type"]]
+            node["widgets_values"][index] = min(node["widgets_values"][index], max_steps)
     return out
 
 

@@ -1,0 +1,115 @@
+"""The web extension's metadata route (nodes/server_routes.py): what it answers, and what it refuses.
+
+In-process on both ComfyUI versions (the route's function against the same ``folder_paths`` the nodes
+use), and over HTTP on a real server (complete checkout), including the ``/api`` mirror.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from conftest import CORRUPT_LORA, OUTSIDE_FILE, PICKLE_LORA, TRUNCATED_LORA
+
+GOOD = "character_lora.safetensors"  # written by the fixtures for the example workflows
+
+
+@pytest.fixture(scope="module")
+def routes(env):
+    return env.engine("nodes.server_routes")
+
+
+def test_info_from_the_header_equals_lora_set_info(env, routes, in_process_models):
+    """The route's summary is exactly what LoraSetInfo computes from the fully loaded file."""
+    info = routes.lora_info(GOOD)
+    lora_files, lora_format, lora_keys = (env.engine(f"nodes.{m}") for m in ("lora_files", "lora_format", "lora_keys"))
+    loaded = lora_files.read_lora_file(str(in_process_models / "loras" / GOOD))
+    expected = lora_format.summarize(lora_keys.normalize_keys(loaded.tensors), loaded.metadata)
+    assert info["summary"] == expected.describe()
+    assert info["network_types"] == expected.network_types and info["modules"] == expected.module_count
+    assert info["ranks"] == expected.ranks == [2, 4] and info["alphas"] == expected.alphas  # UNet rank 4, CLIP 2
+    assert info["base_model"] == expected.base_model and info["text_encoder_modules"] > 0
+    assert info["trigger_words"][0] == "character_lora style"
+    assert info["metadata"]["ss_network_dim"] == "4"
+
+
+def test_no_weight_is_read(env, routes, in_process_models, monkeypatch):
+    """Only the header and the scalar alphas: safetensors' loaders are never called."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the route loaded tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(env.engine("nodes.lora_files"), "load_file", refuse)
+    monkeypatch.setattr(env.engine("nodes.lora_files"), "safe_open", refuse)
+    entries = routes.read_header(str(in_process_models / "loras" / GOOD))[0]
+    tensors = routes.header_tensors(str(in_process_models / "loras" / GOOD), entries)
+    assert all(t.device.type == "meta" for k, t in tensors.items() if not k.endswith(".alpha"))
+    assert routes.lora_info(GOOD)["modules"] > 0
+
+
+@pytest.mark.parametrize("name", ["../" + OUTSIDE_FILE, "/etc/passwd", "loras/../../" + OUTSIDE_FILE,
+                                  "..\\" + OUTSIDE_FILE, "C:\\Windows\\win.ini", "x\x00.safetensors"])
+def test_paths_outside_the_models_folders_are_refused_before_any_io(routes, in_process_models, name, monkeypatch):
+    def no_io(*args, **kwargs):
+        raise AssertionError(f"{name!r} reached the file system")
+
+    monkeypatch.setattr(routes, "read_header", no_io)
+    monkeypatch.setattr(routes.os.path, "isfile", no_io)
+    with pytest.raises(routes.LoraInfoError) as refused:
+        routes.lora_info(name)
+    assert refused.value.status == 403
+
+
+@pytest.mark.parametrize("name, status, words", [
+    ("", 400, "missing"),
+    ("not_there.safetensors", 404, "not in the loras folders"),
+    (CORRUPT_LORA, 422, "header length"),
+    (TRUNCATED_LORA, 422, "not a readable safetensors file"),
+    (PICKLE_LORA, 415, "pickle"),
+])
+def test_bad_requests_get_a_clear_4xx(routes, in_process_models, name, status, words):
+    with pytest.raises(routes.LoraInfoError) as refused:
+        routes.lora_info(name)
+    assert refused.value.status == status and words in refused.value.message, refused.value.message
+
+
+def test_no_route_without_a_server(env, routes):
+    """In-process (no PromptServer instance) registering is a no-op, never an import of ComfyUI's server."""
+    import sys
+
+    had_server = "server" in sys.modules
+    assert routes.register_routes() is (had_server and getattr(sys.modules["server"].PromptServer, "instance", None)
+                                        is not None)
+    assert ("server" in sys.modules) == had_server
+
+
+def _get(server, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_route_over_http(e2e_server):
+    status, info = _get(e2e_server, "/lora_composer/lora_info?name=" + urllib.parse.quote(GOOD))
+    assert status == 200, info
+    assert info["ranks"] == [2, 4] and sum(info["network_types"].values()) == info["modules"]
+    status_api, info_api = _get(e2e_server, "/api/lora_composer/lora_info?name=" + urllib.parse.quote(GOOD))
+    assert (status_api, info_api) == (status, info)
+
+
+@pytest.mark.parametrize("name, status", [
+    ("../" + OUTSIDE_FILE, 403), ("/etc/passwd", 403), ("..%2F" + OUTSIDE_FILE, 403),
+    ("not_there.safetensors", 404), (CORRUPT_LORA, 422), (TRUNCATED_LORA, 422), (PICKLE_LORA, 415), ("", 400),
+])
+def test_route_refusals_over_http(e2e_server, name, status):
+    query = name if "%" in name else urllib.parse.quote(name)
+    got, body = _get(e2e_server, "/api/lora_composer/lora_info?name=" + query)
+    assert got == status, body
+    assert body.get("error"), body
+    assert e2e_server.process.poll() is None
