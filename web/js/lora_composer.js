@@ -215,7 +215,7 @@ export function evaluationsModel(node) {
   const g = graphAdapter(node);
   const self = g.node(node.id);
   const set = loraSetEntries(g, self);
-  const sampler = node.type === "AutoLoraGuider" ? findSampler(g, self) : findSampler(g, self);
+  const sampler = findSampler(g, self);
   return evaluationsPerStep({
     kind: node.type,
     loraCount: set.exact ? set.names.length : 0,
@@ -228,6 +228,7 @@ export function evaluationsModel(node) {
     mix: widgetValue(node, "mix", "cfg-then-blend"),
     cfg: sampler && Number.isFinite(sampler.cfg) ? sampler.cfg : null,
     sampler: sampler ? sampler.sampler : null,
+    steps: sampler ? sampler.steps : null,
   });
 }
 

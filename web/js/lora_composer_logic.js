@@ -86,6 +86,7 @@ export function evaluationsPerStep(settings) {
   let components;
   let perCall;
   let detail;
+  let upperBound = false;
   if (kind === "LoraSetComposite") {
     if (!(loraCount >= 1)) return { error: "connect a LoRA set to count evaluations" };
     const parsed = parseEntryWeights(entryWeights, loraCount);
@@ -105,22 +106,47 @@ export function evaluationsPerStep(settings) {
     const g0 = Number(gamma);
     const g1 = gammaSchedule === "constant" ? g0 : Number(gammaEnd);
     if (!Number.isFinite(g0) || !Number.isFinite(g1)) return { error: "gamma must be a finite number" };
-    const onlyBase = g0 === 0 && g1 === 0;
-    const onlyLora = g0 === 1 && g1 === 1;
-    const parts = onlyBase ? ["base"] : onlyLora ? ["lora"] : ["base", "lora"];
-    components = parts.length;
-    perCall = parts.reduce((n, p) => n + (mix === "blend-then-cfg" ? 2 : branchesFor(p === "base" ? cfgBase : cfgLora)), 0);
-    detail = `${parts.join(" + ")} branch${components === 1 ? "" : "es"}, CFG on each`;
+    // γ exactly 0 or 1 evaluates one branch only (nodes/composition.py:autolora_mixture)
+    const callsAt = (g) => {
+      const parts = g === 0 ? ["base"] : g === 1 ? ["lora"] : ["base", "lora"];
+      return parts.reduce((n, p) => n + (mix === "blend-then-cfg" ? 2 : branchesFor(p === "base" ? cfgBase : cfgLora)), 0);
+    };
+    const steps = Math.floor(Number(settings.steps));
+    if (gammaSchedule === "constant") {
+      perCall = callsAt(g0);
+    } else if (steps >= 1) { // the schedule's γ at every step, averaged
+      let total = 0;
+      for (let i = 0; i < steps; i++) total += callsAt(gammaAt(i, steps, g0, g1, gammaSchedule));
+      perCall = total / steps;
+    } else { // steps unknown: the most a step can cost
+      perCall = callsAt(0.5);
+      upperBound = true;
+    }
+    components = g0 === g1 && (g0 === 0 || g0 === 1) ? 1 : 2;
+    detail = `${components === 1 ? (g0 === 0 ? "base" : "LoRA") + " branch" : "base + LoRA branches"}, CFG on each${
+      gammaSchedule === "constant" ? "" : `, γ ${gammaSchedule} ${g0}→${g1}`}`;
   } else {
     return { error: `no evaluation count for ${kind}` };
   }
   const plain = branchesFor(kind === "AutoLoraGuider" ? settings.cfgLora ?? 7 : cfg) * calls;
   const perStep = perCall * calls;
   const samplerNote = calls > 1 ? ` × ${calls} calls/step (${sampler})` : "";
+  const fmt = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(2));
   return {
-    perStep, plain, components, callsPerStep: calls,
-    text: `${perStep} evals/step: ${detail}${samplerNote} · ${(perStep / plain).toFixed(perStep % plain ? 1 : 0)}× plain`,
+    perStep, plain, components, callsPerStep: calls, upperBound,
+    text: `${upperBound ? "≤ " : ""}${fmt(perStep)} evals/step: ${detail}${samplerNote} · ${fmt(perStep / plain)}× plain`,
   };
+}
+
+/** nodes/guidance.py:gamma_at — γ at a step: constant, or from γ (first step) to γ_end (last), linear or cosine. */
+export function gammaAt(step, totalSteps, gamma, gammaEnd, schedule) {
+  if (schedule === "constant") return gamma;
+  const p = step / Math.max(1, totalSteps - 1);
+  let f;
+  if (schedule === "linear") f = p;
+  else if (schedule === "cosine") f = (1.0 - Math.cos(Math.PI * p)) / 2.0;
+  else throw new Error(`gamma_schedule must be constant, linear or cosine, got ${schedule}.`);
+  return gamma + (gammaEnd - gamma) * f;
 }
 
 // --- graph walking ---------------------------------------------------------------------------------------

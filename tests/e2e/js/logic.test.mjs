@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  evaluationsPerStep, findSampler, loraSetEntries, parseEntryWeights, segments, switchIndex, switchTimeline,
+  evaluationsPerStep, findSampler, gammaAt, loraSetEntries, parseEntryWeights, segments, switchIndex, switchTimeline,
 } from "../../../web/js/lora_composer_logic.js";
 
 test("paper schedule: floor(step / tau) mod k", () => {
@@ -100,4 +100,13 @@ test("graph: SamplerCustomAdvanced through a guider reads steps from BasicSchedu
   ];
   const g = makeGraph(nodes, [[1, 1, 0, 2, 0], [2, 2, 0, 3, 0], [3, 4, 0, 3, 1], [4, 5, 0, 3, 2]]);
   assert.deepEqual(findSampler(g, g.node(1)), { steps: 18, source: "BasicScheduler #5", sampler: "dpmpp_2m", cfg: 4.5 });
+});
+
+test("guider with a γ schedule: exact average when steps are known, an upper bound otherwise", () => {
+  const s = { kind: "AutoLoraGuider", gamma: 0, gammaEnd: 1, gammaSchedule: "linear", cfgBase: 7, cfgLora: 7 };
+  assert.equal(evaluationsPerStep({ ...s, steps: 3 }).perStep, 8 / 3);
+  const unknown = evaluationsPerStep(s);
+  assert.equal(unknown.perStep, 4);
+  assert.ok(unknown.upperBound && unknown.text.startsWith("≤ 4"));
+  assert.equal(gammaAt(2, 3, 0.25, 0.75, "cosine"), 0.75);
 });
