@@ -1,2 +1,2 @@
 """Node classes (thin UI layer). Importing this package registers every node."""
-from . import apply, composition, hypernet, loading, merge  # noqa: F401
+from . import apply, composition, hypernet, loading, merge, training  # noqa: F401
