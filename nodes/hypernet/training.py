@@ -313,13 +313,14 @@ class _Trainer:
                 self.stop_on_nan("gradient")
             self.optimizer.step()
             self.step += 1
-            self.history.setdefault("total", []).append(float(loss.detach()))
-            for name, value in terms.items():
-                self.history.setdefault(name, []).append(float(value.detach()))
+            value = float(loss.detach())
+            self.history.setdefault("total", []).append(value)
+            for name, term in terms.items():
+                self.history.setdefault(name, []).append(float(term.detach()))
             every = self.settings.checkpoint_every
             if every and self.step % every == 0 and k + 1 < steps:
                 self.save()
-            text = f"step {self.step} (run {k + 1}/{steps}): loss {float(loss):.4g}"
+            text = f"step {self.step} (run {k + 1}/{steps}): loss {value:.4g}"
             preview = None
             if (k + 1) % preview_every == 0 or k + 1 == steps:
                 preview = ("PNG", draw_loss_curve(self.history, 384, 240, first_step=0), 384)
