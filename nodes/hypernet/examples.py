@@ -59,6 +59,16 @@ def resolve_folder(folder: str) -> str:
     return path
 
 
+def folder_signature(folder: str) -> str:
+    """Names, sizes and modification times of the folder's files (ComfyUI re-runs training when they change)."""
+    try:
+        path = resolve_folder(folder)
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        return ";".join(f"{e.name}:{e.stat().st_size}:{e.stat().st_mtime_ns}" for e in entries if e.is_file())
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"  # the training call itself reports the problem
+
+
 def _find(folder_files: dict[str, str], stem: str, suffixes) -> str | None:
     for suffix in suffixes:
         hit = folder_files.get((stem + suffix).lower())

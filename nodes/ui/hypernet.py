@@ -10,6 +10,7 @@ import re
 
 import folder_paths
 
+from ..hypernet.examples import folder_signature
 from ..hypernet.file_format import FOLDER_NAME, LORA_HYPERNET_TYPE, load_hypernet
 from ..hypernet.generate import generate_from_image, generate_from_pair
 from ..hypernet.lidb import INIT_LAWS
@@ -205,6 +206,10 @@ class LoraHypernetTrain:
                        "Loss per step (log scale).", "Projection errors, losses and the checkpoint path.")
     OUTPUT_NODE = True
     FUNCTION = "train"
+
+    @classmethod
+    def IS_CHANGED(cls, examples_folder="", **_inputs):
+        return folder_signature(examples_folder)
 
     def train(self, clip_vision, model, examples_folder, variant, steps, learning_rate, batch_size, seed,
               checkpoint_name, checkpoint_every, weight_loss, diffusion_loss, reverse_loss, rank, down_dim, up_dim,

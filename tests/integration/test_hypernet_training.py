@@ -364,3 +364,18 @@ def test_bad_training_input(hn, world, trained, case, match):
             overrides["include_text_encoder"] = True
     with pytest.raises(ValueError, match=match):
         _train(world, folder, **overrides)
+
+
+def test_train_node_reruns_when_the_examples_change(world, trained):
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["LoraHypernetTrain"]
+    before = cls.IS_CHANGED(examples_folder=str(trained.folder))
+    assert before == cls.IS_CHANGED(examples_folder=str(trained.folder))
+    extra = trained.folder / "zz_new.txt"
+    extra.write_text("x")
+    try:
+        assert cls.IS_CHANGED(examples_folder=str(trained.folder)) != before
+    finally:
+        extra.unlink()
+    assert cls.IS_CHANGED(examples_folder=str(world.tmp / "nowhere")).startswith("unreadable")
