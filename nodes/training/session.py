@@ -12,8 +12,11 @@ Mechanism (everything is undone in ``__exit__``, also after errors and interrupt
   rebuilds W + BA densely every forward and back-propagates a dense weight gradient into it);
 * base parameters get ``requires_grad = False`` for the run (the previous flags are restored);
 * weights created under ``torch.inference_mode`` (every model ComfyUI loads in a graph) cannot be
-  saved for backward: for those, the clone gets an identity weight wrapper
-  (``add_weight_wrapper``), which makes ``comfy.ops`` cast a fresh, autograd-usable copy per forward;
+  saved for backward. After loading, each such parameter is swapped for a zero-copy **alias** (a
+  normal tensor on the same storage, ``Tensor.set_``) for the run and put back before unloading,
+  so no weight is copied (core's path holds a W + BA copy of every layer for the backward pass).
+  Tensor subclasses (quantised weights) cannot be aliased: they get an identity weight wrapper
+  (``add_weight_wrapper``), which makes ``comfy.ops`` cast a fresh copy per forward;
 * when the text encoder trains, its LayerNorms get a pre-hook cloning their input: ComfyUI's CLIP
   layers add the residual in place, which autograd refuses once a norm saved its input;
 * optional **gradient checkpointing**: the UNet's highest non-container modules (res blocks,
@@ -80,6 +83,16 @@ class _LoraHook:
         return output + delta.to(output.dtype)
 
 
+def _aliasable(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor viewing ``tensor``'s storage: no copy, usable by autograd."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
 def _clone_input(module, args):
     """Pre-hook for text-encoder norms: ComfyUI's CLIP layers update the residual in place
     (``x += self_attn(layer_norm1(x))``), which autograd refuses once the norm saved ``x``."""
@@ -142,6 +155,7 @@ class TrainingSession:
         self._forwards: list[tuple[torch.nn.Module, object]] = []
         self._grad_flags: list[tuple[torch.nn.Parameter, bool]] = []
         self._patchers: list = []
+        self._aliased: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
 
     # ------------------------------------------------------------------ set-up / tear-down
     def __enter__(self) -> "TrainingSession":
@@ -177,11 +191,13 @@ class TrainingSession:
             self.model.set_model_compute_dtype(torch.float32)
         self._patchers = [self.model] + ([self.clip.patcher] if self.trains_clip else [])
         for patcher in self._patchers:
-            self._add_fresh_weight_wrappers(patcher)
+            self._add_fresh_weight_wrappers(patcher)  # only tensor subclasses; plain tensors are aliased
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         # like core: training needs every byte ComfyUI can free, and the model fully loaded
         mm.load_models_gpu(self._patchers, memory_required=1e20, force_full_load=True)
+        for patcher in self._patchers:
+            self._alias_inference_parameters(patcher.model)
         for patcher in self._patchers:
             for p in patcher.model.parameters():
                 self._grad_flags.append((p, p.requires_grad))
@@ -207,8 +223,15 @@ class TrainingSession:
                 continue
             for attr in ("weight", "bias"):
                 tensor = getattr(module, attr, None)
-                if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                if isinstance(tensor, torch.Tensor) and tensor.is_inference() and not _aliasable(tensor):
                     patcher.add_weight_wrapper(f"{name}.{attr}", _FRESH)
+
+    def _alias_inference_parameters(self, root: torch.nn.Module) -> None:
+        for module in root.modules():
+            for attr, tensor in list(module._parameters.items()):
+                if tensor is not None and tensor.is_inference() and _aliasable(tensor):
+                    module._parameters[attr] = torch.nn.Parameter(_alias(tensor), requires_grad=False)
+                    self._aliased.append((module, attr, tensor))
 
     def _detach(self) -> None:
         for handle in self._hooks:
@@ -225,6 +248,9 @@ class TrainingSession:
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)
         self._grad_flags.clear()
+        for module, attr, original in reversed(self._aliased):
+            module._parameters[attr] = original
+        self._aliased.clear()
         for patcher in self._patchers:
             unload_patcher(patcher)
             for module in patcher.model.modules():

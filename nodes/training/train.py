@@ -229,7 +229,16 @@ def _oom_message(c: TrainingConfig, step: int, instance: torch.Tensor, n_targets
 # ---------------------------------------------------------------------------------------- main
 
 def train_lora(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
-    """Train one LoRA (DreamBooth loss, optional prior preservation) and return it as a LORA_SET."""
+    """Train one LoRA (DreamBooth loss, optional prior preservation) and return it as a LORA_SET.
+
+    ComfyUI runs every node under ``torch.inference_mode()``; training needs autograd, so the whole
+    run happens with inference mode off and gradients on (as in core's ``TrainLoraNode``).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(inputs, c)
+
+
+def _train(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
     import folder_paths
 
     _check_config(c)
@@ -269,6 +278,7 @@ def train_lora(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
     loras_folder = inputs.loras_folder or folder_paths.get_folder_paths("loras")[0]
     history = loop.LossHistory()
     checkpoints: list[str] = []
+    saved_steps: set[int] = set()
     exported: dict = {}
     name = c.name.strip() or f"LoraTrain-{c.identifier.strip() or 'lora'}-{c.steps}steps"
 
@@ -330,6 +340,7 @@ def train_lora(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
         def on_checkpoint(step: int) -> None:
             path = result.save_checkpoint(build_entry(step), loras_folder, c.checkpoint_prefix, step)
             checkpoints.append(path)
+            saved_steps.add(step)
             log.info("[LoRA Composer] LoraTrain checkpoint at step %d: %s", step, path)
 
         loop_config = loop.LoopConfig(c.steps, c.learning_rate, c.batch_size, c.optimizer, c.seed,
@@ -337,8 +348,8 @@ def train_lora(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
         try:
             loop.run_loop(session, param, loop_config, instance_latents, class_latents, conds, on_checkpoint, history)
         except mm.InterruptProcessingException:
-            if history.steps_done:
-                on_checkpoint(history.steps_done)
+            if history.steps_done and history.steps_done not in saved_steps:
+                on_checkpoint(history.steps_done)  # the last completed step, unless it was just saved
             log.warning("[LoRA Composer] LoraTrain interrupted after %d of %d steps; checkpoints kept: %s",
                         history.steps_done, c.steps, ", ".join(checkpoints) or "none")
             raise

@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node
-from harness.tiny_models import build_sd15_clip, build_sdxl_clip, build_unet, patched_weights, weights_snapshot
+from harness.tiny_models import (SDXL_SAMPLING_OVERRIDES, build_sd15_clip, build_sdxl_clip, build_unet,
+                                 patched_weights, weights_snapshot)
+from harness.training import (CLASS_PROMPT, PROMPT, assert_untouched, config, core_lora, denoising_error, inputs,
+                              predictions, save, synthetic_latents)
 
-PROMPT = "a photo of sks dog"
-CLASS_PROMPT = "a photo of dog"
-HELD_OUT = [0.12, 0.37, 0.63, 0.88]  # timestep fractions never drawn as such in training (continuous U(0,1))
 ALL_LAYERS = "all linear+conv (like core)"
 
 
@@ -52,91 +52,19 @@ def _quiet_progress():
     comfy.utils.PROGRESS_BAR_ENABLED = before
 
 
-def synthetic_latents(n: int = 3, seed: int = 0, size: int = 8) -> torch.Tensor:
-    """A few smooth 'images' in raw latent space (std ≈ 1.5 like SD latents / scale)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    out = []
-    for i in range(n):
-        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
-        blob = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.3)
-        out.append(5.0 * torch.randn(4, 1, 1, generator=g) * blob)
-    return torch.stack(out)
-
-
-def config(eng, **kw):
-    base = dict(instance_prompt=PROMPT, steps=2, learning_rate=1e-2, rank=4, resolution=0)
-    base.update(kw)
-    return eng.train.TrainingConfig(**base)
-
-
-def inputs(eng, model, clip, latents, **kw):
-    return eng.train.TrainingInputs(model=model, clip=clip, latents={"samples": latents}, **kw)
-
-
-def predictions(eng, model, clip, latents, prompt, seed=123) -> torch.Tensor:
-    """x̂0 of ``model`` on noised ``latents`` at the held-out timesteps (fixed noise)."""
-    with torch.no_grad():
-        cond = eng.cond.encode_tokens(clip, clip.tokenize(prompt))
-    with eng.session.TrainingSession(model, None, []) as ev, torch.no_grad():
-        row = eng.cond.row_conds(ev.base_model, cond, tuple(latents.shape[1:]), ev.device)
-        x0 = ev.base_model.process_latent_in(latents.clone())
-        ms = ev.base_model.model_sampling
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        for p in HELD_OUT:
-            sigma = eng.loop.sigmas_at(ms, [p] * x0.shape[0])
-            noise = torch.randn(x0.shape, generator=g)
-            out.append(eng.loop.predict_rows(ev, eng.loop.noised(ms, x0, noise, sigma), sigma, [row] * x0.shape[0]))
-        return torch.stack(out)
-
-
-def denoising_error(eng, model, clip, latents, prompt, seed=123) -> float:
-    with torch.no_grad():
-        cond = eng.cond.encode_tokens(clip, clip.tokenize(prompt))
-    with eng.session.TrainingSession(model, None, []) as ev:
-        row = eng.cond.row_conds(ev.base_model, cond, tuple(latents.shape[1:]), ev.device)
-        x0 = ev.base_model.process_latent_in(latents.clone())
-        return eng.loop.denoising_error(ev, x0, [row] * x0.shape[0], HELD_OUT, seed)
-
-
-def assert_untouched(model_patcher, before: dict[str, torch.Tensor], grad_flags: dict[str, bool] | None = None):
-    """Weights bit-identical, no hooks, wrappers or forward overrides left behind."""
-    module = model_patcher.model
-    after = weights_snapshot(module)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before), "base weights changed"
-    for name, m in module.named_modules():
-        assert not m._forward_hooks, f"hook left on {name}"
-        assert "forward" not in m.__dict__, f"forward override left on {name}"
-        assert not any(type(f).__name__ == "_FreshWeight" for f in getattr(m, "weight_function", [])), name
-    if grad_flags is not None:
-        assert {n: p.requires_grad for n, p in module.named_parameters()} == grad_flags
-
-
-def save(lora_set, prefix) -> str:
-    (name,) = call_node("LoraSetSave", lora_set=lora_set, filename_prefix=prefix, dtype="fp32")
-    return name
-
-
-def core_lora(model, clip, name, strength=1.0):
-    import nodes as comfy_nodes
-
-    return comfy_nodes.LoraLoader().load_lora(model, clip, name, strength, strength)
-
-
 # ------------------------------------------------------------------------------------------ learning
 
 def test_node_trains_and_leaves_the_model_untouched(env, eng, sd15):
     model, clip = sd15
     before = weights_snapshot(model.model)
     flags = {n: p.requires_grad for n, p in model.model.named_parameters()}
-    lora_set, curve, report = call_node(
-        "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
-        parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
-        batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
-        training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix="training/t1",
-        latents={"samples": synthetic_latents()})
+    with torch.inference_mode():  # ComfyUI's executor runs every node in inference mode
+        lora_set, curve, report = call_node(
+            "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
+            parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
+            batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
+            training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix="training/t1",
+            latents={"samples": synthetic_latents()})
     assert_untouched(model, before, flags)
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.dtype == torch.float32
     assert float(curve.min()) < 0.5 < float(curve.max()), "the curve image is drawn"
@@ -144,6 +72,36 @@ def test_node_trains_and_leaves_the_model_untouched(env, eng, sd15):
     (entry,) = lora_set.entries
     assert entry.strength_model == 1.0 and entry.metadata()["ss_network_module"] == "networks.lora"
     assert '"steps_done": 2' in entry.metadata()["lora_composer_training"]
+
+
+def test_runs_in_a_comfyui_graph_images_through_a_vae(env):
+    """Tiny checkpoint (stub VAE) → EmptyImage → LoraTrain → LoraSetSave, through ComfyUI's own executor."""
+    import asyncio
+
+    import nodes
+
+    from harness.comfy_env import REPO_ROOT
+    from harness.executor import run_prompt
+
+    if "LoraComposerTest_TinyCheckpoint" not in nodes.NODE_CLASS_MAPPINGS:
+        assert asyncio.run(nodes.load_custom_node(str(REPO_ROOT / "tests" / "server" / "testing_pack"),
+                                                  module_parent="custom_nodes"))
+    train = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "instance_prompt": PROMPT,
+             "identifier": "sks", "parameterisation": "standard LoRA", "targets": "attention", "rank": 2,
+             "alpha": 0.0, "steps": 2, "learning_rate": 1e-3, "batch_size": 1, "optimizer": "AdamW",
+             "lambda_prior": 0.0, "seed": 0, "gradient_checkpointing": False, "training_dtype": "auto",
+             "resolution": 64, "checkpoint_every": 0, "checkpoint_prefix": "training/graph_ckpt"}
+    prompt = {
+        "1": {"class_type": "LoraComposerTest_TinyCheckpoint", "inputs": {"family": "sd15"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x336699}},
+        "3": {"class_type": "LoraTrain", "inputs": train},
+        "4": {"class_type": "LoraSetSave", "inputs": {"lora_set": ["3", 0], "filename_prefix": "training/graph",
+                                                       "dtype": "fp16"}},
+    }
+    run = run_prompt(prompt)
+    assert run.success, (run.node_errors, run.error, run.messages[-3:])
+    assert (env.models_dir / "loras" / "training" / "graph_00001.safetensors").exists()
+    assert "instance: 2 latents of 8×8" in run.outputs["3"]["text"][0]
 
 
 def test_loss_falls_and_core_loraloader_reproduces_training_images(env, eng, sd15):
@@ -264,7 +222,7 @@ def test_rank_relaxed_starts_at_the_initial_lora_and_svd_refactorises_the_merge(
 
 def test_blora_trains_only_the_two_named_blocks(env, eng):
     with torch.inference_mode():  # a class-conditional SDXL UNet whose context width is the tiny CLIP-L+G's
-        model = build_unet("sdxl", seed=11, config_overrides={"num_classes": "sequential", "context_dim": 128})
+        model = build_unet("sdxl", seed=11, config_overrides=SDXL_SAMPLING_OVERRIDES)
         clip = build_sdxl_clip(seed=12)
     before = weights_snapshot(model.model)
     result = eng.train.train_lora(inputs(eng, model, clip, synthetic_latents(n=2, seed=3)),
