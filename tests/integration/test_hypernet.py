@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from harness import hypernet_synthetic as hs
 from harness.node_calls import call_node
-from harness.tiny_models import build_sd15_clip, build_unet, patched_weights
+from harness.tiny_models import build_unet, patched_weights
 
 
 @pytest.fixture(scope="module")

@@ -314,10 +314,9 @@ def test_text_encoder_layers_train_and_apply(hn, world):
     assert "56 model + 8 CLIP weights patched" in report and "0 unmatched" in report
     weights = patched_weights(patched_clip.patcher)
     assert not torch.equal(weights[te_keys[0]], sd[te_keys[0]])
+    unet_only = _subject_folder(world, "no_te", indices=[0])
     with pytest.raises(ValueError, match="does not cover 8 of the 64 LiDB target layers"):
-        _train(world, trained_folder := _subject_folder(world, "no_te", indices=[0]), steps=1, clip=clip,
-               include_text_encoder=True, model_dim=16, iterations=1)
-    assert trained_folder.exists()
+        _train(world, unet_only, steps=1, clip=clip, include_text_encoder=True, model_dim=16, iterations=1)
 
 
 @pytest.mark.parametrize("case, match", [
@@ -379,3 +378,50 @@ def test_train_node_reruns_when_the_examples_change(world, trained):
     finally:
         extra.unlink()
     assert cls.IS_CHANGED(examples_folder=str(world.tmp / "nowhere")).startswith("unreadable")
+
+
+def _tiny_ip2p():
+    """A tiny InstructPix2Pix UNet (8 input channels: noisy latent + the conditioning image's latent)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from harness.tiny_models import SD15_TINY, init_weights_
+
+    config = comfy.supported_models.SD15_instructpix2pix(dict(SD15_TINY, in_channels=8, dtype=torch.float32))
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device=torch.device("cpu"))
+    init_weights_(base.diffusion_model, 9)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def test_loc_diffusion_on_instructpix2pix_conditions_on_the_other_image(hn, world):
+    model = _tiny_ip2p()
+    spec = hn.lidb.lidb_spec_for_model(model, down_dim=8, up_dim=4)
+    g = torch.Generator().manual_seed(1)
+    before, after = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    with torch.inference_mode(False):
+        ctx = hn.diff.prepare(model, None, spec, "")
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        conds = hn.diff.model_conds(ctx, x, before)
+        assert torch.equal(conds["c_concat"], before), "the before image is IP2P's concat condition"
+        down_w = torch.randn(len(spec.layers), 1, 8, generator=g)
+        up_w = torch.randn(len(spec.layers), 4, 1, generator=g)
+        factors = hn.diff.unet_factors(ctx, down_w, up_w)
+        sigma = torch.tensor([1.0])
+        with_before = hn.diff.denoise_with_lora(ctx, factors, 1.0, x, sigma, conds)
+        with_after = hn.diff.denoise_with_lora(ctx, factors, 1.0, x, sigma, hn.diff.model_conds(ctx, x, after))
+    assert not torch.allclose(with_before, with_after)
+    folder = world.tmp / "ip2p"
+    folder.mkdir()
+    image = hs.draw_subject(CURVE[5])
+    hs.save_png(image, folder / "e_before.png")
+    hs.save_png(hs.edit_image(image, 0), folder / "e_after.png")
+    hs.save_kohya(hs.subject_factors(world.directions, CURVE[5]), folder / "e.safetensors")
+    for part, latent in (("before", before), ("after", after)):
+        save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])},
+                  str(folder / f"e_{part}.latent"))
+    hypernet, _, _ = _train(world, folder, model=model, variant="pair", steps=2, diffusion_loss=1.0, batch_size=1,
+                            model_dim=16, iterations=1, checkpoint_name="test/ip2p")
+    assert hypernet.config.base_model == "SD15_instructpix2pix"
+    assert all(math.isfinite(v) for v in hypernet.training["losses"]["diffusion_reverse"])
