@@ -144,8 +144,10 @@ class Graph:
             multiline = sum(1 for v in widgets_values[node.id] if isinstance(v, str) and len(v) > 40)
             slots = max(len(node_inputs[node.id]), len(node.info["output"]))
             height = 30 + 22 * slots + 26 * len(widgets_values[node.id]) + 60 * multiline
-            if node.type in ("LoraSetSwitch", "LoraSetLoad", "LoraSetInfo"):
+            if node.type in ("LoraSetSwitch", "LoraSetLoad"):
                 height += 90  # room for the web extension's panel
+            elif node.type == "LoraSetInfo":
+                height += 60 + 45 * 3  # three lines per LoRA
             y = next_y.get(col, Y0)
             positions[node.id] = [X0 + col * COL_WIDTH, y]
             sizes[node.id] = [COL_WIDTH - 60, height]

@@ -136,7 +136,9 @@ function drawTimeline(node, ctx) {
     color: PALETTE[i % PALETTE.length],
   }));
   drawLines(ctx, node, barY + barH + 14, legend);
-  state.lastDrawn = { steps: n, indices: model.indices.slice(), every: model.every, schedule: model.schedule };
+  state.lastDrawn = {
+    steps: n, indices: model.indices.slice(), every: model.every, schedule: model.schedule, bar: [x0, barY, width, barH],
+  };
 }
 
 // --- LoRA info panels (metadata route) ----------------------------------------------------------------------
