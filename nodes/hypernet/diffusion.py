@@ -55,9 +55,23 @@ class DiffusionContext:
 
 
 def _autograd_safe(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters made under ``torch.inference_mode`` (ComfyUI loads models there) cannot be saved for
-    backward; such tensors are cloned once (a copy of the UNet in memory while training)."""
-    return {f"base.{name}": p.detach().clone() for name, p in module.named_parameters() if p.is_inference()}
+    """Stand-ins for parameters made under ``torch.inference_mode`` (every model ComfyUI loads in a graph),
+    which autograd refuses to save for backward.
+
+    A plain tensor gets a zero-copy alias: a normal tensor on the same storage (``Tensor.set_``, the
+    trick ``nodes/training/session.py`` uses); tensor subclasses (quantised weights) are cloned.
+    ``functional_call`` substitutes them for the run only; the module itself is never modified.
+    """
+    safe = {}
+    for name, p in module.named_parameters():
+        if not p.is_inference():
+            continue
+        if type(p) in (torch.Tensor, nn.Parameter) and p.layout == torch.strided:
+            alias = torch.empty(0, dtype=p.dtype, device=p.device)
+            safe[f"base.{name}"] = alias.set_(p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+        else:
+            safe[f"base.{name}"] = p.detach().clone()
+    return safe
 
 
 def prepare(model, clip, spec: LidbSpec, prompt: str) -> DiffusionContext:

@@ -90,7 +90,8 @@ class LidbSpec:
             if not 1 <= value <= DIM_LIMIT:
                 raise ValueError(f"LiDB {name} must be in 1…{DIM_LIMIT}, got {value}.")
         if self.rank > min(self.down_dim, self.up_dim):
-            raise ValueError(f"LiDB rank {self.rank} exceeds min(down_dim, up_dim) = {min(self.down_dim, self.up_dim)}.")
+            raise ValueError(f"LiDB rank {self.rank} exceeds min(down_dim, up_dim) = "
+                             f"{min(self.down_dim, self.up_dim)}.")
         if self.init_law not in INIT_LAWS:
             raise ValueError(f"LiDB init_law must be one of {', '.join(INIT_LAWS)}, got {self.init_law!r}.")
         seen: set[str] = set()

@@ -15,8 +15,10 @@ The heads start near zero (normal, std 1e-3, as MFaceTech's ``delta_proj``), so 
 predicts ≈ the zero LoRA. Deviation from MFaceTech: its ``delta_proj`` is one Linear shared by all
 layer tokens; here every layer has its own head (``L·d·P`` weights, ≈ 4.9 M for SD1.5 at the
 defaults). A shared head must learn the product "layer identity × image" inside the decoder; on
-the synthetic training test it was still at 0.25 of the initial loss after 300 steps where
-per-layer heads reached 0.004, and held-out subjects generalised only with per-layer heads. ``output_scale`` (a buffer, one value per layer and per down/up half) is set by the trainer
+the synthetic subjects of the training tests it was still at 0.25 of the initial loss after 300
+steps where per-layer heads reached 0.004.
+
+``output_scale`` (a buffer, one value per layer and per down/up half) is set by the trainer
 to the RMS of the projected targets, so the decoder works in unit-scale numbers for every layer
 (real LoRAs differ by orders of magnitude between layers).
 
@@ -66,7 +68,8 @@ class HypernetConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
         if self.feature_source not in FEATURE_SOURCES:
-            raise ValueError(f"feature_source must be one of {', '.join(FEATURE_SOURCES)}, got {self.feature_source!r}.")
+            raise ValueError(f"feature_source must be one of {', '.join(FEATURE_SOURCES)}, "
+                             f"got {self.feature_source!r}.")
         for name, low, high in (("feature_dim", 1, 65536), ("model_dim", 1, MODEL_DIM_LIMIT), ("num_blocks", 1, 64),
                                 ("num_heads", 1, 256), ("iterations", 1, 64)):
             value = getattr(self, name)
@@ -169,7 +172,8 @@ class LidbHypernet(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 3 or tokens.shape[-1] != self.config.input_dim:
-            raise ValueError(f"image tokens must be [batch, tokens, {self.config.input_dim}], got {tuple(tokens.shape)}.")
+            raise ValueError(f"image tokens must be [batch, tokens, {self.config.input_dim}], "
+                             f"got {tuple(tokens.shape)}.")
         memory = self.image_proj(self.image_norm(tokens))
         batch = tokens.shape[0]
         state = tokens.new_zeros(batch, len(self.spec.layers), self.spec.params_per_layer)

@@ -262,7 +262,8 @@ class _Trainer:
                 latents = data.latents[i]
                 if pair:
                     before, after = latents
-                    forward.append(diffusion.diffusion_loss(self.ctx, down_w[j], up_w[j], after, 1.0, generator, before))
+                    forward.append(diffusion.diffusion_loss(self.ctx, down_w[j], up_w[j], after, 1.0, generator,
+                                                            before))
                     if s.reverse_loss > 0:
                         backward.append(diffusion.diffusion_loss(self.ctx, down_w[j], up_w[j], before, -1.0,
                                                                  generator, after))

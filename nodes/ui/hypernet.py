@@ -168,7 +168,8 @@ class LoraHypernetTrain:
             "examples_folder": ("STRING", {"default": "hypernet_examples", "tooltip":
                                 "Folder of examples: absolute, or relative to ComfyUI's input folder."}),
             "variant": (list(VARIANTS), {"default": "image", "tooltip":
-                        "image: HyperDreamBooth (one image → LoRA); pair: LoRA of Change (before/after → edit LoRA)."}),
+                        "image: HyperDreamBooth (one image → LoRA); "
+                        "pair: LoRA of Change (before/after → edit LoRA)."}),
             "steps": _int(1000, 1, 1_000_000, "Optimiser steps in this run."),
             "learning_rate": _float(1e-3, 1e-6, 1.0, 1e-5, "Adam learning rate (constant)."),
             "batch_size": _int(4, 1, 256, "Examples per step."),
