@@ -344,6 +344,77 @@ def lcm_lora(g: Graph) -> None:
            "CFG 1–2 as the LCM-LoRA docs recommend (at CFG 1 the negative prompt is skipped).")
 
 
+def hypernet_generate(g: Graph) -> None:
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    vision = g.add("CLIPVisionLoader", clip_name="clip_vision_vit_h.safetensors")
+    image = g.add("LoadImage", "Subject photo", image="subject.png")
+    encoded = g.add("CLIPVisionEncode", clip_vision=vision[0], image=image[0], crop="center")
+    hypernet = g.add("LoraHypernetLoad", hypernet_name="hyperdreambooth_sd15.safetensors")
+    generated = g.add("LoraHypernetGenerate", hypernet=hypernet["hypernet"], clip_vision_output=encoded[0],
+                      strength_model=1.0, strength_clip=1.0, model=ckpt[0], clip=ckpt[1])
+    g.add("LoraSetSave", lora_set=generated[0], filename_prefix="lora_composer/hyperdreambooth", dtype="fp16")
+    apply = g.add("LoraSetApply", model=ckpt[0], lora_set=generated[0], clip=ckpt[1])
+    pos, neg = text_encode(g, apply["clip"], "a portrait photo of a person, oil painting, detailed")
+    sample_and_save(g, apply["model"], pos, neg, ckpt[2], "lora_composer/hyperdreambooth", steps=30, cfg=7.0,
+                    seed=0)
+    g.note("Hypernetwork → LoRA from one image (HyperDreamBooth, Ruiz et al. 2023).\n\nThe hypernetwork reads the "
+           "subject photo through a CLIP-vision encoder and predicts a LiDB LoRA (rank-1 factors in a frozen random "
+           "basis, down 100 / up 50, on every attention layer; 4 refinement steps from zero — algorithms.md §3) in "
+           "one forward pass. The LoRA is applied like any other and also saved as an ordinary kohya file, which "
+           "'Load LoRA' loads and 'Train LoRA' (rank-relaxed) can fine-tune further, as the paper does (~40 "
+           "steps).\n\nNo pretrained HyperDreamBooth weights exist to download: train your hypernet with 'Train "
+           "LoRA hypernet' on pairs of images and LoRAs, using the same CLIP-vision model as here.")
+
+
+def hypernet_pair(g: Graph) -> None:
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    vision = g.add("CLIPVisionLoader", clip_name="clip_vision_vit_h.safetensors")
+    before = g.add("LoadImage", "Before the edit", image="before.png")
+    after = g.add("LoadImage", "After the edit", image="after.png")
+    enc_before = g.add("CLIPVisionEncode", clip_vision=vision[0], image=before[0], crop="center")
+    enc_after = g.add("CLIPVisionEncode", clip_vision=vision[0], image=after[0], crop="center")
+    hypernet = g.add("LoraHypernetLoad", hypernet_name="lora_of_change_sd15.safetensors")
+    edit = g.add("LoraHypernetGeneratePair", before=enc_before[0], after=enc_after[0],
+                 hypernet=hypernet["hypernet"], strength_model=1.0, strength_clip=1.0, model=ckpt[0], clip=ckpt[1])
+    apply = g.add("LoraSetApply", model=ckpt[0], lora_set=edit[0], clip=ckpt[1])
+    query = g.add("LoadImage", "Image to edit", image="query.png")
+    latent = g.add("VAEEncode", pixels=query[0], vae=ckpt[2])
+    pos, neg = text_encode(g, apply["clip"], "a photo")
+    ks = g.add("KSampler", model=apply["model"], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
+               steps=30, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=0.75)
+    decode = g.add("VAEDecode", samples=ks[0], vae=ckpt[2])
+    g.add("SaveImage", images=decode[0], filename_prefix="lora_composer/lora_of_change")
+    g.note("Hypernetwork → LoRA from a before/after pair (LoRA of Change, Song et al. 2024).\n\nThe pair is a "
+           "visual instruction: the hypernetwork reads both images and predicts the LoRA of the edit that turns "
+           "'before' into 'after' (algorithms.md §4). Applied at strength 1 it performs the edit on a new image "
+           "(img2img, denoise 0.75 here); at −1 it performs the reverse edit — the paper's LoRA-reverse "
+           "objective, which 'Train LoRA hypernet' (variant 'pair') trains for.\n\nThe paper's base model is an "
+           "InstructPix2Pix-style UNet; no pretrained LoC hypernet exists to download, so train one with 'Train "
+           "LoRA hypernet' from pairs and their edit LoRAs.")
+
+
+def training(g: Graph) -> None:
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    train = g.add("LoraTrain", model=ckpt[0], clip=ckpt[1], vae=ckpt[2], image_folder="dreambooth/sks_dog",
+                  instance_prompt="a photo of sks dog", identifier="sks", parameterisation="standard LoRA",
+                  targets="attention", rank=4, alpha=4.0, steps=500, learning_rate=1e-4, batch_size=1,
+                  optimizer="AdamW", lambda_prior=1.0, class_prompt="a photo of a dog", num_class_images=100,
+                  class_sampling_steps=25, seed=0, resolution=512, checkpoint_every=100,
+                  checkpoint_prefix="lora_composer/training/sks_dog")
+    g.add("LoraSetSave", lora_set=train["lora_set"], filename_prefix="lora_composer/dreambooth_sks_dog", dtype="fp16")
+    g.add("PreviewImage", images=train["loss_curve"])
+    apply = g.add("LoraSetApply", model=ckpt[0], lora_set=train["lora_set"], clip=ckpt[1])
+    pos, neg = text_encode(g, apply["clip"], "a photo of sks dog on the beach")
+    sample_and_save(g, apply["model"], pos, neg, ckpt[2], "lora_composer/dreambooth", steps=30, cfg=7.0, seed=0)
+    g.note("LoRA training with prior preservation (DreamBooth-LoRA, Ruiz et al. 2023).\n\nPut 3–5 photos of "
+           "your subject in ComfyUI/input/dreambooth/sks_dog. The LoRA learns 'sks dog' from them, while the "
+           "prior-preservation loss (λ = 1, DreamBooth's weight) keeps 'a photo of a dog' looking like the base "
+           "model's dogs: L = E‖ε − ε_θ(x_t, c)‖² + λ·E‖ε − ε_θ(x_pr, c_pr)‖², with 100 class images generated "
+           "by the base model first. Rank 4, learning rate 1e-4, 500 steps, 512² as in diffusers' DreamBooth-LoRA "
+           "example. The trained LoRA is saved as an ordinary kohya file (plus checkpoints every 100 steps), its "
+           "loss curve previewed, and it is tried right away. The base model is never modified.")
+
+
 WORKFLOWS = {
     "lora_static_apply": static_apply,
     "lora_switch": switch,
@@ -353,6 +424,9 @@ WORKFLOWS = {
     "lora_merge_save": merge_save,
     "b_lora_content_style": b_lora,
     "lcm_lora_style": lcm_lora,
+    "hypernet_generate": hypernet_generate,
+    "hypernet_pair": hypernet_pair,
+    "lora_training_prior": training,
 }
 
 

@@ -56,18 +56,6 @@ def testing_pack_loaded(env):
     return True
 
 
-def write_model_files(models_dir: Path, workflows: dict[str, dict], defs: dict[str, dict]) -> None:
-    """Tiny LoRAs (per workflow family) and empty placeholder checkpoints under the names the workflows use."""
-    for workflow in workflows.values():
-        files = wf.referenced_files(workflow, defs)
-        family = wf.workflow_family(workflow)
-        wf.write_tiny_loras(models_dir / "loras", files.get("loras", set()), family)
-        for name in files.get("checkpoints", set()):
-            path = models_dir / "checkpoints" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()  # listed by /object_info; the tests substitute the loader before running
-
-
 def write_bad_files(models_dir: Path) -> None:
     loras = models_dir / "loras"
     loras.mkdir(parents=True, exist_ok=True)
@@ -83,14 +71,19 @@ def write_bad_files(models_dir: Path) -> None:
 def workflow_defs(env, testing_pack_loaded, ui_workflows) -> dict[str, dict]:
     """In-process node definitions for every type the workflows use (plus the tiny checkpoint)."""
     defs = wf.definitions_for(list(ui_workflows.values()))
-    defs[wf.TINY_CHECKPOINT] = wf.node_definition(wf.TINY_CHECKPOINT)
+    for tiny in (wf.TINY_CHECKPOINT, wf.TINY_CLIP_VISION):
+        defs[tiny] = wf.node_definition(tiny)
     return defs
 
 
 @pytest.fixture(scope="session")
 def in_process_models(env, ui_workflows, workflow_defs) -> Path:
     """The in-process ComfyUI's models folder with every file the workflows name, and the bad files."""
-    write_model_files(env.models_dir, ui_workflows, workflow_defs)
+    import folder_paths
+
+    folder_paths.add_model_folder_path("lora_hypernets", str(env.models_dir / "lora_hypernets"), is_default=True)
+    wf.write_workflow_files(env.engine, env.models_dir, Path(folder_paths.get_input_directory()), ui_workflows,
+                            workflow_defs)
     write_bad_files(env.models_dir)
     return env.models_dir
 
@@ -99,7 +92,8 @@ def in_process_models(env, ui_workflows, workflow_defs) -> Path:
 def live_defs(in_process_models, ui_workflows) -> dict[str, dict]:
     """Definitions re-read after the model files exist (file combos list them now)."""
     defs = wf.definitions_for(list(ui_workflows.values()))
-    defs[wf.TINY_CHECKPOINT] = wf.node_definition(wf.TINY_CHECKPOINT)
+    for tiny in (wf.TINY_CHECKPOINT, wf.TINY_CLIP_VISION):
+        defs[tiny] = wf.node_definition(tiny)
     return defs
 
 
@@ -109,7 +103,7 @@ def e2e_server(env, tmp_path_factory, ui_workflows, workflow_defs):
         pytest.skip(ENGINE_ONLY.format(version=env.version))
     base = tmp_path_factory.mktemp("e2e-server")
     minimal_front_end = prepare_base_directory(base, {PACK_DIR_NAME: REPO_ROOT, TESTING_PACK_DIR_NAME: TESTING_PACK})
-    write_model_files(base / "models", ui_workflows, workflow_defs)
+    wf.write_workflow_files(env.engine, base / "models", base / "input", ui_workflows, workflow_defs)
     write_bad_files(base / "models")
     server = ComfyServer(env.root, base, frontend_root() or minimal_front_end)
     server.has_frontend = frontend_root() is not None

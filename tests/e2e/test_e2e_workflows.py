@@ -5,11 +5,13 @@
   types match, every widget value is valid, no required input is left open.
 - Converted to an API prompt (tests/harness/workflows.py:ui_to_api, the frontend's widget order) and run
   through ComfyUI's own validator and executor in this process (tests/harness/executor.py), on both
-  versions. **Substitution:** the stock ``CheckpointLoaderSimple`` is replaced by the testing pack's
-  ``LoraComposerTest_TinyCheckpoint`` (tiny SD1.5/SDXL UNet and CLIP, weight-free stub VAE, chosen by the
-  checkpoint's file name), ``EmptyLatentImage`` shrinks to 64×64 and sampler steps are capped at 20; everything else — our nodes, samplers,
-  ``ModelSamplingDiscrete``, ``VAEDecode``, ``SaveImage`` — runs as written. The LoRA files are tiny kohya
-  LoRAs written under the names the workflows use. Every node of the pack in a workflow must execute.
+  versions. **Substitution** (harness ``substitute_for_tests``): the stock ``CheckpointLoaderSimple`` becomes
+  the testing pack's ``LoraComposerTest_TinyCheckpoint`` (tiny SD1.5/SDXL UNet and CLIP by the checkpoint's
+  file name, weight-free stub VAE) and ``CLIPVisionLoader`` its ``LoraComposerTest_TinyClipVision``;
+  ``EmptyLatentImage`` shrinks to 64×64, sampler steps are capped at 20 and training to a few steps and class
+  images. Everything else — our nodes, samplers, ``ModelSamplingDiscrete``, ``CLIPVisionEncode``, ``LoadImage``,
+  ``VAEEncode``/``VAEDecode``, ``SaveImage`` — runs as written, on tiny LoRAs, hypernets and images written
+  under the names the workflows use. Every node of the pack in a workflow must execute.
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import pytest
 from harness import workflows as wf
 from harness.executor import run_prompt
 
-# The features issue #7 lists, by file; the hypernetwork and training workflows come with their nodes.
+# The features issue #7 lists, by file.
 EXPECTED = {"lora_static_apply", "lora_switch", "lora_composite", "autolora_model", "autolora_guider",
-            "lora_merge_save", "b_lora_content_style", "lcm_lora_style"}
+            "lora_merge_save", "b_lora_content_style", "lcm_lora_style", "hypernet_generate", "hypernet_pair",
+            "lora_training_prior"}
 PACK_DIR_NAME = "comfyui-lora-composer"
 
 

@@ -26,8 +26,10 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 MUTED, BYPASSED = 2, 4
 
 # Stock loaders the tests replace by the testing pack's tiny models (tests/server/testing_pack):
-# same outputs (MODEL, CLIP, VAE), so every link stays as it is. The VAE is a weight-free stub.
+# same outputs (MODEL, CLIP, VAE / CLIP_VISION), so every link stays as it is. The VAE is a weight-free stub.
 TINY_CHECKPOINT = "LoraComposerTest_TinyCheckpoint"
+TINY_CLIP_VISION = "LoraComposerTest_TinyClipVision"
+TINY_CLIP_VISION_WIDTH = 32  # hidden size of the tiny CLIP vision: the feature width of the tests' hypernets
 TEST_LATENT_SIZE = 64  # EmptyLatentImage width/height in tests: 8×8 latents for the tiny UNets
 
 
@@ -232,47 +234,133 @@ def workflow_family(workflow: dict) -> str:
     return "sd15"
 
 
-STEP_WIDGET = {"KSampler": 2, "BasicScheduler": 1}  # index of "steps" in widgets_values
 TEST_MAX_STEPS = 20  # enough for Switch (k = 3, τ = 5) to run every LoRA and come back to the first
+# Widget caps for tests: min(value, cap) by widget name.
+TEST_CAPS = {
+    "KSampler": {"steps": TEST_MAX_STEPS}, "BasicScheduler": {"steps": TEST_MAX_STEPS},
+    "LoraTrain": {"steps": 3, "num_class_images": 2, "class_sampling_steps": 2, "resolution": TEST_LATENT_SIZE,
+                  "checkpoint_every": 2, "batch_size": 1},
+    "LoraHypernetTrain": {"steps": 3, "batch_size": 2},
+}
 
 
-def substitute_for_tests(workflow: dict, latent_size: int = TEST_LATENT_SIZE, max_steps: int = TEST_MAX_STEPS) -> dict:
+def substitute_for_tests(workflow: dict, latent_size: int = TEST_LATENT_SIZE, defs: dict | None = None) -> dict:
     """A copy of ``workflow`` that runs on the tiny test models (UI format, so the browser can load it too):
 
     - ``CheckpointLoaderSimple`` → ``LoraComposerTest_TinyCheckpoint`` (tiny SD1.5 or SDXL by the file name,
-      stub VAE); outputs and links are unchanged;
+      stub VAE); ``CLIPVisionLoader`` → ``LoraComposerTest_TinyClipVision``; outputs and links are unchanged;
     - ``EmptyLatentImage`` → ``latent_size`` × ``latent_size`` pixels, batch 1;
-    - ``KSampler`` / ``BasicScheduler`` steps capped at ``max_steps``.
+    - the widgets in ``TEST_CAPS`` (sampler steps ≤ 20, training steps and class images a handful) capped.
     Everything else (our nodes, samplers, VAEDecode, SaveImage…) runs as written.
     """
     out = copy.deepcopy(workflow)
     for node in out["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             family = checkpoint_family(node["widgets_values"][0])
-            node["type"] = TINY_CHECKPOINT
-            node["widgets_values"] = [family]
-            node.setdefault("properties", {})["Node name for S&R"] = TINY_CHECKPOINT
+            _retype(node, TINY_CHECKPOINT, [family])
+        elif node["type"] == "CLIPVisionLoader":
+            _retype(node, TINY_CLIP_VISION, [])
         elif node["type"] == "EmptyLatentImage":
             node["widgets_values"] = [latent_size, latent_size, 1]
-        elif node["type"] in STEP_WIDGET:
-            index = STEP_WIDGET[node["type"]]
-            node["widgets_values"][index] = min(node["widgets_values"][index], max_steps)
+        elif node["type"] in TEST_CAPS:
+            info = (defs or {}).get(node["type"]) or node_definition(node["type"])
+            for i, (name, role) in enumerate(widget_slots(info)):
+                cap = TEST_CAPS[node["type"]].get(name)
+                if role == "value" and cap is not None:
+                    node["widgets_values"][i] = min(node["widgets_values"][i], cap)
     return out
+
+
+def _retype(node: dict, new_type: str, widgets_values: list) -> None:
+    node["type"] = new_type
+    node["widgets_values"] = widgets_values
+    node["inputs"] = [i for i in node.get("inputs", []) if "widget" not in i]  # the stock loader's file combos
+    node.setdefault("properties", {})["Node name for S&R"] = new_type
 
 
 def referenced_files(workflow: dict, defs: dict[str, dict]) -> dict[str, set[str]]:
     """Model files the workflow names in its combos: ``{"loras": {...}, "checkpoints": {...}, …}``."""
     folders = {"lora_name": "loras", "ckpt_name": "checkpoints", "clip_name": "clip_vision",
-               "hypernet_name": "lora_hypernets"}
+               "hypernet_name": "lora_hypernets", "image": "input", "image_folder": "input folders"}
     found: dict[str, set[str]] = {}
     for node in workflow["nodes"]:
         info = defs.get(node["type"])
         if info is None:
             continue
         for (name, role), value in zip(widget_slots(info), node.get("widgets_values", [])):
-            if role == "value" and name in folders and isinstance(value, str):
+            if role == "value" and name in folders and isinstance(value, str) and value:
                 found.setdefault(folders[name], set()).add(value)
     return found
+
+
+def hypernet_variants(workflow: dict) -> dict[str, str]:
+    """hypernet file name → ``image`` or ``pair``, from the Generate node each ``LoraHypernetLoad`` feeds."""
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    links = _links(workflow)
+    variants = {}
+    for node in workflow["nodes"]:
+        if node["type"] != "LoraHypernetLoad":
+            continue
+        targets = {by_id[links[i][3]]["type"] for out in node.get("outputs", []) for i in (out.get("links") or [])}
+        variants[node["widgets_values"][0]] = "pair" if "LoraHypernetGeneratePair" in targets else "image"
+    return variants
+
+
+def write_tiny_hypernet(engine, path: Path, variant: str, seed: int = 3) -> None:
+    """A small untrained hypernet file for the tiny SD1.5 model and the tiny CLIP vision (pack's own format).
+
+    ``engine(name)`` imports a pack module (``ComfyEnv.engine``). Large heads, so the LoRA it generates changes
+    the sample visibly.
+    """
+    import torch
+
+    from harness.tiny_models import build_unet
+
+    lidb, net, ff = (engine(f"nodes.hypernet.{m}") for m in ("lidb", "network", "file_format"))
+    spec = lidb.lidb_spec_for_model(build_unet("sd15", seed=0), down_dim=16, up_dim=8, base_seed=seed)
+    config = net.HypernetConfig(variant=variant, feature_dim=TINY_CLIP_VISION_WIDTH, model_dim=32, num_blocks=1,
+                                num_heads=1, iterations=4, base_model="SD15")
+    network = net.LidbHypernet(config, spec, seed=seed)
+    with torch.no_grad():
+        network.head_weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ff.save_hypernet(str(path), network, training={"step": 0})
+
+
+def write_test_image(path: Path, seed: int, size: int = TEST_LATENT_SIZE) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size]
+    base = rng.uniform(0.2, 0.8, 3)
+    disc = ((xs - size * rng.uniform(0.3, 0.7)) ** 2 + (ys - size / 2) ** 2) < (size / 4) ** 2
+    image = np.where(disc[..., None], rng.uniform(0, 1, 3), base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((image * 255).astype(np.uint8)).save(path)
+
+
+def write_workflow_files(engine, models_dir: Path, input_dir: Path, workflows: dict[str, dict],
+                         defs: dict[str, dict]) -> None:
+    """Every file the workflows name, tiny: LoRAs (per workflow family), hypernets, input images and image
+    folders, and empty placeholders for the checkpoints and CLIP-vision models the tests substitute."""
+    for workflow in workflows.values():
+        files = referenced_files(workflow, defs)
+        write_tiny_loras(models_dir / "loras", files.get("loras", set()), workflow_family(workflow))
+        for folder in ("checkpoints", "clip_vision"):
+            for name in files.get(folder, set()):
+                (models_dir / folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (models_dir / folder / name).touch()  # listed by /object_info; never loaded by the tests
+        for name, variant in hypernet_variants(workflow).items():
+            if not (models_dir / "lora_hypernets" / name).exists():
+                write_tiny_hypernet(engine, models_dir / "lora_hypernets" / name, variant)
+        for i, name in enumerate(sorted(files.get("input", set()))):
+            if not (input_dir / name).exists():
+                write_test_image(input_dir / name, seed=i)
+        for folder in files.get("input folders", set()):
+            for i in range(3):
+                if not (input_dir / folder / f"{i}.png").exists():
+                    write_test_image(input_dir / folder / f"{i}.png", seed=100 + i)
 
 
 def write_tiny_loras(folder: Path, names: set[str], family: str) -> None:

@@ -113,6 +113,16 @@ def test_rank_larger_than_a_layer_allows(eng, sd15):
         run(eng, *sd15, rank=64)
 
 
+def test_all_layers_preset_caps_the_rank_of_narrow_layers(eng, sd15):
+    """The 4-channel output conv allows rank 4 at most: capped there (and said so), not an error."""
+    result = run(eng, *sd15, targets="all linear+conv (like core)", rank=8, steps=1)
+    assert "rank 8 capped to each layer's limit on" in result.report
+    tensors = result.lora_set.entries[0].tensors()
+    assert tensors["lora_unet_out_2.lora_down.weight"].shape[0] == 4
+    assert float(tensors["lora_unet_out_2.alpha"]) == 4.0, "alpha scaled with the rank: same scale alpha/rank"
+    assert tensors["lora_unet_input_blocks_1_1_proj_in.lora_down.weight"].shape[0] == 8
+
+
 def test_blora_needs_sdxl(eng, sd15):
     with pytest.raises(ValueError, match=r"needs an SDXL UNet with transformer blocks output_blocks\.0\.1 and "
                                          r"output_blocks\.1\.1.*the connected model is SD15"):

@@ -82,6 +82,30 @@ class TinyCheckpoint:
         return (tiny.build_unet("sd15", seed=0), tiny.build_sd15_clip(seed=1), StubVAE())
 
 
+class TinyClipVision:
+    """What tests substitute for CLIPVisionLoader: ComfyUI's ClipVisionModel with a tiny config (hidden 32,
+    32 px images, 17 tokens; tests/harness/hypernet_synthetic.py), seeded weights."""
+
+    DESCRIPTION = "Tiny CLIP vision model with deterministic weights (tests and make demo only)."
+    CATEGORY = "_for_testing/lora_composer"
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        import tempfile
+
+        path = Path(__file__).resolve().parents[2] / "harness" / "hypernet_synthetic.py"
+        spec = importlib.util.spec_from_file_location("lora_composer_testing_hypernet_synthetic", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-vision-") as folder:
+            return (module.build_clip_vision(Path(folder), seed=0),)
+
+
 class LatentStats:
     """Output node: mean, std, min, max and a SHA-256 of the latent's float32 bytes (for bitwise checks)."""
 
@@ -104,7 +128,9 @@ class LatentStats:
 
 
 NODE_CLASS_MAPPINGS = {"LoraComposerTest_TinySD15": TinySD15, "LoraComposerTest_LatentStats": LatentStats,
-                       "LoraComposerTest_TinyCheckpoint": TinyCheckpoint}
+                       "LoraComposerTest_TinyCheckpoint": TinyCheckpoint,
+                       "LoraComposerTest_TinyClipVision": TinyClipVision}
 NODE_DISPLAY_NAME_MAPPINGS = {"LoraComposerTest_TinySD15": "Tiny SD1.5 (test)",
                               "LoraComposerTest_LatentStats": "Latent stats (test)",
-                              "LoraComposerTest_TinyCheckpoint": "Tiny checkpoint + stub VAE (test)"}
+                              "LoraComposerTest_TinyCheckpoint": "Tiny checkpoint + stub VAE (test)",
+                              "LoraComposerTest_TinyClipVision": "Tiny CLIP vision (test)"}
