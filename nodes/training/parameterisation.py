@@ -47,20 +47,26 @@ def _zeros_up(layer: TargetLayer, rank: int) -> torch.Tensor:
 
 @dataclass
 class StandardLora:
-    """Plain LoRA factors per target (also the trainable residual of rank-relaxed training)."""
+    """Plain LoRA factors per target (also the trainable residual of rank-relaxed training).
+
+    ``ranks`` may lower the rank of single layers (capped narrow layers); their alpha is scaled with
+    the rank so every layer has the same scale alpha/rank.
+    """
 
     targets: list[TargetLayer]
     rank: int
     alpha: float
     seed: int
+    ranks: dict[str, int] | None = None
     down: dict[str, torch.nn.Parameter] = field(default_factory=dict)
     up: dict[str, torch.nn.Parameter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
         for layer in self.targets:
-            self.down[layer.key] = torch.nn.Parameter(_kaiming_uniform_down(layer, self.rank, generator))
-            self.up[layer.key] = torch.nn.Parameter(_zeros_up(layer, self.rank))
+            r = (self.ranks or {}).get(layer.key, self.rank)
+            self.down[layer.key] = torch.nn.Parameter(_kaiming_uniform_down(layer, r, generator))
+            self.up[layer.key] = torch.nn.Parameter(_zeros_up(layer, r))
 
     @property
     def scale(self) -> float:
@@ -79,9 +85,9 @@ class StandardLora:
         return {key: (self.up[key], self.down[key], self.scale) for key in self.down}
 
     def export(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """``key → (up, down, alpha)`` as written to the file (ΔW = alpha/rank · up @ down)."""
-        return {key: (self.up[key].detach().float().cpu(), self.down[key].detach().float().cpu(), self.alpha)
-                for key in self.down}
+        """``key → (up, down, alpha)`` as written to the file (ΔW = alpha/r · up @ down, r = the layer's rank)."""
+        return {key: (self.up[key].detach().float().cpu(), self.down[key].detach().float().cpu(),
+                      self.alpha * self.down[key].shape[0] / self.rank) for key in self.down}
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

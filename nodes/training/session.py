@@ -67,7 +67,7 @@ class _LoraHook:
             return None
         up, down, scale = current
         x = args[0]
-        compute = x.dtype if not torch.is_autocast_enabled() else None
+        compute = None if _autocast_on(x.device.type) else x.dtype
         cast = (lambda t: t.to(compute)) if compute is not None else (lambda t: t)
         if self.layer.kind == "linear":
             h = F.linear(x, cast(down))
@@ -99,6 +99,13 @@ def _clone_input(module, args):
     if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
         return (args[0].clone(),) + tuple(args[1:])
     return None
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _checkpointed(forward, *args, **kwargs):

@@ -12,6 +12,9 @@ Presets (SD1.x / SD2 / SDXL UNet names; ComfyUI's own module paths):
   algorithms.md §6): the two blocks can be separated afterwards with ``LoraSetBlocks``.
 * ``all linear+conv (like core)`` — every Linear and (ungrouped, zero-padded) Conv2d weight of the
   diffusion model: the layer set of ComfyUI core's ``TrainLoraNode`` (without its bias/norm diffs).
+  It includes layers as narrow as the 4-channel output conv, so here (only) a rank above a layer's
+  limit is capped to that limit for the layer (a full-rank, exact LoRA of it), and the report says so;
+  every other preset refuses such a rank with an error.
 
 A target knows its owner (``unet`` or ``clip``), its state-dict key, its module and how the
 low-rank residual must be computed (``linear`` or ``conv`` with the module's stride/padding).
@@ -154,6 +157,25 @@ def select_targets(model_patcher, clip, preset: str) -> list[TargetLayer]:
         raise ValueError(f"targets {preset!r} matches no layer of the connected {family} model "
                          "(expected SD1.x/SD2/SDXL-style attention names such as '….attn1.to_q').")
     return targets
+
+
+ALL_LAYERS_PRESET = "all linear+conv (like core)"
+
+
+def layer_ranks(targets: list[TargetLayer], rank: int, preset: str) -> tuple[dict[str, int], list[str]]:
+    """Rank per target key, and notes: capped at each layer's limit for the all-layers preset only."""
+    if preset != ALL_LAYERS_PRESET:
+        check_rank(targets, rank)
+        return {t.key: rank for t in targets}, []
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}.")
+    ranks = {t.key: min(rank, t.max_rank) for t in targets}
+    capped = [t for t in targets if t.max_rank < rank]
+    notes = []
+    if capped:
+        notes.append(f"rank {rank} capped to each layer's limit on {len(capped)} narrow layer(s), e.g. "
+                     f"{capped[0].key} (rank {capped[0].max_rank}, a full-rank LoRA of that layer).")
+    return ranks, notes
 
 
 def check_rank(targets: list[TargetLayer], rank: int, input_name: str = "rank") -> None:

@@ -23,7 +23,7 @@ from ..patching import model_family
 from ..saving import _safe_prefix
 from . import conditioning, data, loop, parameterisation as pz, prior, result
 from .session import PRECISIONS, TrainingSession
-from .targets import BLORA_BLOCKS, BLORA_PRESET, TARGET_PRESETS, check_rank, select_targets, trains_text_encoder
+from .targets import BLORA_BLOCKS, BLORA_PRESET, TARGET_PRESETS, layer_ranks, select_targets, trains_text_encoder
 
 log = logging.getLogger("LoRA Composer")
 
@@ -204,10 +204,10 @@ def _class_latents(inputs: TrainingInputs, c: TrainingConfig, instance: torch.Te
     return generated
 
 
-def _make_parameterisation(c: TrainingConfig, targets, alpha: float):
+def _make_parameterisation(c: TrainingConfig, targets, alpha: float, ranks: dict[str, int]):
     if c.parameterisation == pz.LIDB:
         return pz.LidbLora.for_targets(targets, c.rank, c.lidb_down_dim, c.lidb_up_dim, c.seed)
-    return pz.StandardLora(targets, c.rank, alpha, c.seed)
+    return pz.StandardLora(targets, c.rank, alpha, c.seed, ranks)
 
 
 def _oom_message(c: TrainingConfig, step: int, instance: torch.Tensor, n_targets: int, saved: str | None) -> str:
@@ -249,7 +249,8 @@ def _train(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
         raise ValueError("clip is required to encode instance_prompt (and class_prompt).")
     notes = _identifier_warnings(c)
     targets = select_targets(model, clip, c.targets)
-    check_rank(targets, c.rank)
+    ranks, rank_notes = layer_ranks(targets, c.rank, c.targets)
+    notes.extend(rank_notes)
     alpha = c.alpha if c.alpha > 0 else float(c.rank)
     relaxed = c.parameterisation == pz.RANK_RELAXED
     if relaxed and (inputs.initial_lora is None or len(inputs.initial_lora) == 0):
@@ -257,7 +258,7 @@ def _train(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
                          "from 'Load LoRA (set)' or a hypernetwork).")
     if not relaxed and inputs.initial_lora is not None:
         notes.append("initial_lora is used only by 'rank-relaxed from initial LoRA'; ignored.")
-    param = _make_parameterisation(c, targets, alpha)
+    param = _make_parameterisation(c, targets, alpha, ranks)
 
     folder = inputs.image_folder.strip() if inputs.image_folder else ""
     input_dir = inputs.input_folder or folder_paths.get_input_directory()
