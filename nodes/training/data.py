@@ -47,6 +47,20 @@ def resolve_folder(folder: str, input_dir: str) -> str:
     return path
 
 
+def folder_signature(folder: str | None) -> str:
+    """Names, sizes and modification times of a folder's images ('' when unset or unreadable)."""
+    if not isinstance(folder, str) or not folder.strip():
+        return ""
+    try:
+        import folder_paths
+
+        path = resolve_folder(folder, folder_paths.get_input_directory())
+        entries = sorted((e for e in os.scandir(path) if e.name.lower().endswith(IMAGE_SUFFIXES)), key=lambda e: e.name)
+    except (OSError, ValueError):
+        return ""
+    return "|".join(f"{e.name}:{e.stat().st_size}:{e.stat().st_mtime_ns}" for e in entries)
+
+
 def load_folder_images(path: str) -> list[torch.Tensor]:
     """Every image file in ``path`` (not recursive) as ``[H, W, 3]`` float tensors in [0, 1]."""
     from PIL import Image, ImageOps

@@ -7,6 +7,7 @@ from ..training.loop import OPTIMIZERS
 from ..training.parameterisation import PARAMETERISATIONS
 from ..training.session import PRECISIONS
 from ..training.targets import TARGET_PRESETS
+from ..training.data import folder_signature
 from ..training.train import STEP_LIMIT, TrainingConfig, TrainingInputs, train_lora
 from .common import lora_set_input
 
@@ -108,6 +109,11 @@ class LoraTrain:
                        "Loss per step (raw and smoothed; instance and prior parts when prior preservation is on).",
                        "What was trained, the loss, checkpoints and any warnings.")
     FUNCTION = "train"
+
+    @classmethod
+    def IS_CHANGED(cls, image_folder="", **_inputs):
+        """Re-run when the files of image_folder change (other inputs are tracked by ComfyUI itself)."""
+        return folder_signature(image_folder)
 
     def train(self, model, clip, instance_prompt, identifier, parameterisation, targets, rank, alpha, steps,
               learning_rate, batch_size, optimizer, lambda_prior, seed, gradient_checkpointing, training_dtype,

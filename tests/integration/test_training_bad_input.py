@@ -77,6 +77,23 @@ def test_folder_outside_the_input_directory(eng, sd15):
         run(eng, *sd15, latents=False, image_folder="no_such_folder")
 
 
+def test_image_folder_changes_rerun_the_node(env, eng):
+    """IS_CHANGED follows the folder's image files, so ComfyUI's cache does not hide new images."""
+    from PIL import Image
+
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["LoraTrain"]
+    folder = env.models_dir.parent / "input" / "lc_changes"
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (16, 16), "red").save(folder / "a.png")
+    first = cls.IS_CHANGED(image_folder="lc_changes", steps=2)
+    assert first and first == cls.IS_CHANGED(image_folder="lc_changes", steps=3)
+    Image.new("RGB", (16, 16), "blue").save(folder / "b.png")
+    assert cls.IS_CHANGED(image_folder="lc_changes") != first
+    assert cls.IS_CHANGED(image_folder="") == "" and cls.IS_CHANGED(image_folder="../outside") == ""
+
+
 def test_mixed_sizes_follow_the_documented_resize_crop_rule(eng):
     """Centre crop to the target aspect, then Lanczos; images already at the size are untouched."""
     half = torch.zeros(72, 96, 3)
