@@ -17,7 +17,7 @@ endif
 FULL_COMFYUI ?= $(CACHE)/comfyui-0.3.64
 STAMP        := $(VENV)/.lora-composer-$(shell cat requirements-dev.txt requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-engine test-full bench clean-cache
+.PHONY: setup demo test test-engine test-full bench clean-cache browser
 
 setup: $(STAMP)
 
@@ -29,6 +29,19 @@ $(STAMP): requirements-dev.txt requirements.txt
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# Debian's chromium for the browser test (tests/e2e/test_e2e_browser.py, driven by Playwright's Python package
+# with executable_path=/usr/bin/chromium; Playwright never downloads a browser). Idempotent and quiet; when it
+# cannot install (no apt-get, not root) the browser test reports a skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "== installing Debian's chromium for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium; } >/dev/null 2>&1 || echo "== chromium could not be installed: the browser test will be skipped"; \
+	  else \
+	    echo "== chromium is not installed (needs root and apt-get): the browser test will be skipped"; \
+	  fi; }
 
 # The engine run always happens; the complete-checkout run happens whenever one is given
 # (COMFYUI_PATH) or cached at $(FULL_COMFYUI), and says so when it is skipped.
