@@ -132,8 +132,8 @@ class IndexStream:
         return out
 
 
-def training_step(session: TrainingSession, parameters: list[torch.nn.Parameter], instance: Batch,
-                  prior: Batch | None, lambda_prior: float) -> tuple[float, float, float]:
+def training_step(session: TrainingSession, instance: Batch, prior: Batch | None,
+                  lambda_prior: float) -> tuple[float, float, float]:
     """One forward/backward pass; returns (total, instance, prior) loss values. Grads are left in place."""
     ms = session.base_model.model_sampling
     x0 = instance.x0 if prior is None else torch.cat([instance.x0, prior.x0])
@@ -192,8 +192,7 @@ def run_loop(session: TrainingSession, parameterisation, config: LoopConfig, ins
                 prior_draw = (cidx, torch.randn((b, *class_latents.shape[1:]), generator=generator),
                               draw_sigmas(ms, b, generator))
             try:
-                parameterisation_factors = parameterisation.factors()
-                session.set_factors(parameterisation_factors)
+                session.set_factors(parameterisation.factors())
                 instance_row, class_row = conds()
                 instance = Batch(instance_latents[idx].to(device), instance_noise.to(device),
                                  instance_sigma.to(device), [instance_row] * b)
@@ -201,7 +200,7 @@ def run_loop(session: TrainingSession, parameterisation, config: LoopConfig, ins
                 if prior_draw is not None:
                     cidx, noise, sigma = prior_draw
                     prior = Batch(class_latents[cidx].to(device), noise.to(device), sigma.to(device), [class_row] * b)
-                total, inst, pr = training_step(session, parameters, instance, prior, config.lambda_prior)
+                total, inst, pr = training_step(session, instance, prior, config.lambda_prior)
             except Exception as error:  # noqa: BLE001 - re-raised below unless it is an OOM
                 optimizer.zero_grad(set_to_none=True)
                 session.set_factors({})

@@ -258,8 +258,9 @@ class TrainingSession:
         for module, attr, original in reversed(self._aliased):
             module._parameters[attr] = original
         self._aliased.clear()
-        for patcher in self._patchers:
-            unload_patcher(patcher)
+        extra = [self.clip.patcher] if self.clip is not None and self.clip is not self.source_clip else []
+        for patcher in self._patchers + [p for p in extra if p not in self._patchers]:
+            unload_patcher(patcher)  # our clones only (a LoRA-patched CLIP clone gets loaded by encoding)
             for module in patcher.model.modules():
                 for attr in ("weight_function", "bias_function"):
                     functions = module.__dict__.get(attr)

@@ -218,6 +218,24 @@ def test_rank_relaxed_starts_at_the_initial_lora_and_svd_refactorises_the_merge(
     assert "worst relative error" in low.report
 
 
+def test_rank_relaxed_with_a_text_encoder_part_leaves_the_clip_untouched(env, eng, sd15):
+    """The initial LoRA's CLIP part is applied to a patched CLIP clone for encoding, then unloaded."""
+    import comfy.model_management as mm
+
+    model, clip = sd15
+    te = lf.make_te_lora(clip.cond_stage_model.state_dict(), "kohya", rank=2, seed=41)
+    te.save(env.models_dir / "loras" / "initial_te.safetensors")
+    (initial,) = call_node("LoraSetLoad", lora_name="initial_te.safetensors", strength_model=1.0, strength_clip=1.0)
+    before = weights_snapshot(clip.cond_stage_model)
+    result = eng.train.train_lora(inputs(eng, model, clip, synthetic_latents(seed=12), initial_lora=initial),
+                                  config(eng, parameterisation="rank-relaxed from initial LoRA", steps=2))
+    assert_untouched(clip.patcher, before)
+    assert not any(m.model is not None and m.model.model is clip.cond_stage_model for m in mm.current_loaded_models)
+    for key, delta in te.expected.items():  # the CLIP part comes back exactly (SVD at its own rank)
+        layer = result.relaxed[key]
+        assert torch.allclose(layer.up @ layer.down, delta, rtol=1e-4, atol=1e-6), key
+
+
 # ------------------------------------------------------------------------------------------ B-LoRA
 
 def test_blora_trains_only_the_two_named_blocks(env, eng):
