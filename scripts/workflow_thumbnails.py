@@ -27,7 +27,7 @@ def main() -> int:
     from harness.server import ComfyServer, prepare_base_directory
 
     env = comfy_env.start()
-    import conftest as e2e  # the e2e fixtures' helpers (frontend location, pack folder names)
+    import e2e_support as e2e  # frontend location, pack folder names
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")

@@ -8,7 +8,8 @@ The server (tests/e2e/conftest.py) loads the pack and the testing pack and serve
   drawn — the colour of every step cell on the canvas is the LoRA ``switch_index`` says — and redrawn when
   τ changes; τ = 0 draws nothing and raises nothing;
 - checks the LoRA info panel (metadata route) and the Composite evaluations badge;
-- queues the Switch workflow from the page and waits for ``execution_success``;
+- queues the Switch workflow from the page and waits for ``execution_success``; a missing LoRA file comes back
+  as ComfyUI's validation error on that node, a corrupt one as an execution error naming the file;
 - saves screenshots under ``tests/e2e/artifacts/`` (``LORA_COMPOSER_ARTIFACTS`` overrides).
 Chromium is never downloaded: it is ``/usr/bin/chromium`` (``make browser`` / ``.ci/run`` install it). The test
 skips, visibly, without chromium, Playwright, the frontend package or a complete ComfyUI.
@@ -169,16 +170,8 @@ def test_switch_timeline_renders_reacts_and_queues(page, e2e_server, ui_workflow
     set_widget(page, "LoraSetSwitch", "switch_every", 5)
     set_widget(page, "LoraSetSwitch", "schedule", "paper")
     redraw_centered(page, "LoraSetSwitch")
-    page.evaluate("""() => {
-        const api = window.comfyAPI.api.api;
-        window.__lcResult = null;
-        api.addEventListener("execution_success", (e) => { window.__lcResult = {ok: true, detail: e.detail}; });
-        api.addEventListener("execution_error", (e) => { window.__lcResult = {ok: false, detail: e.detail}; });
-    }""")
     t0 = time.perf_counter()
-    page.evaluate("async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); }")
-    page.wait_for_function("() => window.__lcResult !== null", timeout=300_000)
-    result = page.evaluate("() => window.__lcResult")
+    result = _queue_and_wait(page)
     assert result["ok"], json.dumps(result["detail"])[:3000]
     entry = e2e_server.wait_history(result["detail"]["prompt_id"], timeout=60)
     assert entry["status"]["status_str"] == "success"
@@ -186,6 +179,53 @@ def test_switch_timeline_renders_reacts_and_queues(page, e2e_server, ui_workflow
     print(f"Switch workflow queued from the browser ran in {time.perf_counter() - t0:.1f} s")
     redraw_centered(page, "LoraSetSwitch")
     page.screenshot(path=str(ARTIFACTS / "browser_switch_workflow.png"))
+
+    # no sampler connected: nothing drawn, a hint instead, nothing thrown
+    errors_before = len(page.lc_errors)
+    page.evaluate("""() => {
+        const node = window.comfyAPI.app.app.graph._nodes.find((n) => n.type === "LoraSetSwitch");
+        node.disconnectOutput(0);
+    }""")
+    redraw_centered(page, "LoraSetSwitch")
+    state = node_state(page, "LoraSetSwitch")
+    assert state["lastDrawn"] is None and state["timeline"]["source"] is None
+    assert page.lc_errors[errors_before:] == []
+
+
+def _queue_and_wait(page) -> dict:
+    page.evaluate("""() => {
+        const api = window.comfyAPI.api.api;
+        window.__lcResult = null;
+        api.addEventListener("execution_success", (e) => { window.__lcResult = {ok: true, detail: e.detail}; });
+        api.addEventListener("execution_error", (e) => { window.__lcResult = {ok: false, detail: e.detail}; });
+    }""")
+    page.evaluate("async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.__lcResult !== null", timeout=300_000)
+    return page.evaluate("() => window.__lcResult")
+
+
+def test_errors_show_as_comfyui_node_errors(page, ui_workflows):
+    """A missing LoRA file is ComfyUI's validation error on that node; a corrupt one an execution error
+    that names the file — both through the frontend's normal error paths, the page stays usable."""
+    workflow = wf.substitute_for_tests(ui_workflows["lora_switch"])
+    load_node = next(n for n in workflow["nodes"] if n["type"] == "LoraSetLoad")
+    load_node["widgets_values"][0] = "not_downloaded_yet.safetensors"
+    load(page, workflow)
+    page.evaluate("async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.comfyAPI.app.app.lastNodeErrors && "
+                           "Object.keys(window.comfyAPI.app.app.lastNodeErrors).length > 0", timeout=60_000)
+    node_errors = page.evaluate("() => JSON.parse(JSON.stringify(window.comfyAPI.app.app.lastNodeErrors))")
+    errors = node_errors[str(load_node["id"])]["errors"]
+    assert any(e["type"] == "value_not_in_list" and "not_downloaded_yet.safetensors" in e["details"] for e in errors)
+    page.screenshot(path=str(ARTIFACTS / "browser_missing_lora_error.png"))
+
+    load_node["widgets_values"][0] = "corrupt_lora.safetensors"
+    load(page, workflow)
+    result = _queue_and_wait(page)
+    assert not result["ok"]
+    detail = result["detail"]
+    assert detail["node_type"] == "LoraSetLoad" and "corrupt_lora.safetensors" in detail["exception_message"]
+    page.screenshot(path=str(ARTIFACTS / "browser_corrupt_lora_error.png"))
 
 
 def test_lora_info_panel_and_evaluations_badge(page, ui_workflows):

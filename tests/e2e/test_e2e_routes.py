@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import CORRUPT_LORA, OUTSIDE_FILE, PICKLE_LORA, TRUNCATED_LORA
+from e2e_support import CORRUPT_LORA, OUTSIDE_FILE, PICKLE_LORA, TRUNCATED_LORA
 
 GOOD = "character_lora.safetensors"  # written by the fixtures for the example workflows
 
