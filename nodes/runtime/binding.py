@@ -86,10 +86,23 @@ class AdapterRuntime:
     def chosen_strategy(self, device: torch.device) -> str:
         if self.strategy != "auto":
             return self.strategy
-        # Switch: one LoRA at a time is cheapest baked in. Mixtures: on a CPU throughput is linear in
-        # rows, so k sequential merged passes cost the same as one k-times batch minus the unmerged
-        # low-rank FLOPs; on a GPU one big batch uses the device better.
-        return "unmerged" if self.mixture is not None and device.type == "cuda" else "merged"
+        # Switch: one LoRA at a time is cheapest baked in. Mixtures of LoRAs (Composite): on a CPU k
+        # sequential merged passes cost about one k-times batch minus the unmerged low-rank FLOPs; on a
+        # GPU one big batch uses the device better. A mixture with a base branch (AutoLoRA) runs adapters
+        # on half the rows only, and one batch of 2× rows beat two passes on the CPU too (bench_composite:
+        # 2.01× vs 2.13× plain LoRA sampling), with no patched weight copy at all.
+        if self.mixture is None:
+            return "merged"
+        if device.type == "cuda" or self.mixture_has_base_branch():
+            return "unmerged"
+        return "merged"
+
+    def mixture_has_base_branch(self) -> bool:
+        try:
+            options = [option for _, option in self.mixture(0)]
+            return None in options and any(option is not None for option in options)
+        except Exception:  # a policy that needs a live run to answer: keep the default
+            return False
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):

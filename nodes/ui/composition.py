@@ -102,7 +102,8 @@ class AutoLoraGuidance:
             "clip": ("CLIP", {"tooltip": "Text encoder: the LoRAs' text-encoder parts are applied (summed)."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: base and LoRA passes with swapped weights. "
-                                                       "unmerged: one batch with per-row LoRAs."}),
+                                                       "unmerged: one batch with per-row LoRAs. auto: unmerged "
+                                                       "(measured faster, no weight copy), merged at γ = 0 or 1."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")

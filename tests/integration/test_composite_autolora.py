@@ -307,3 +307,17 @@ def test_interrupted_sampling_leaves_model_clean(env, setup, node):
         comfy.sample.sample_custom(m, comfy.sample.prepare_noise(latent, 1), 4.0, comfy.samplers.sampler_object("euler"),
                                    sigmas, pos, neg, latent, callback=interrupt, disable_pbar=True, seed=1)
     assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
+
+
+def test_auto_strategy_choice(env, setup):
+    """auto: Composite merged on a CPU and unmerged on CUDA; AutoLoRA unmerged (one batch of base and LoRA
+    rows, measured faster on the CPU too) except γ = 0 or 1, which run merged and exact."""
+    model, names, pos, neg = setup
+    composition = env.engine("nodes.composition")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    s = lora_set(names[:2])
+    composite = composition.composite_lora_set(model, None, s)[2]
+    assert (composite.chosen_strategy(cpu), composite.chosen_strategy(cuda)) == ("merged", "unmerged")
+    for gamma, expected in ((0.5, "unmerged"), (1.7, "unmerged"), (0.0, "merged"), (1.0, "merged")):
+        runtime = composition.autolora_guidance(model, None, s, gamma)[2]
+        assert runtime.chosen_strategy(cpu) == expected, gamma
