@@ -73,20 +73,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
+from bench_common import (  # noqa: E402
+    SD15_LAYOUT, TARGET_MARKERS, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
-# Model layout and LoRA targets: the same as bench/bench_apply.py (duplicated, not shared: that script is
-# being edited separately). SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels,
-# conv proj_in/out), only narrower; comfy's UNetModel pops one transformer_depth entry per input res
-# block and one transformer_depth_output entry per output block, exactly like the real SD1.5 config.
-SD15_LAYOUT = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-               "transformer_depth_middle": 1, "context_dim": 768, "image_size": 64}
-TARGET_MARKERS = (".attn1.to_q.", ".attn1.to_k.", ".attn1.to_v.", ".attn1.to_out.0.",
-                  ".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0.",
-                  ".proj_in.", ".proj_out.", ".ff.net.0.proj.", ".ff.net.2.")
 MODEL_CHANNELS = {"default": 96, "quick": 32}
 LATENT = {"default": 64, "quick": 16}
 STEPS = {"default": 12, "quick": 6}
@@ -439,25 +430,6 @@ def child_main(args) -> None:
     result = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "run_peak": _proc_status("VmHWM") - rss_before if resettable else None}
     print("CHILD_RESULT " + json.dumps(result), flush=True)
-
-
-def _proc_status(field: str) -> int:
-    """A ``kB`` field of /proc/self/status, in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM; ru_maxrss is not reset) where allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child_command(args, method: str, rank: int, models_dir: Path) -> list[str]:

@@ -46,33 +46,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
+from bench_common import SD15_LAYOUT, proc_status, reset_peak_rss as _reset_peak_rss  # noqa: E402
 from harness import comfy_env, tiny_models  # noqa: E402
 
-SD15_LAYOUT = {"channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-               "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-               "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-               "transformer_depth_middle": 1, "context_dim": 768, "image_size": 64}
 METHODS = ("core", "ours-all", "ours-attn")
 PROMPT = "a photo of sks dog"
-
-
-def _proc_status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class Bench:
@@ -261,5 +239,14 @@ def main() -> None:
     run(args)
 
 
+def _proc_status(field: str) -> int | None:
+    """``bench_common.proc_status``, or None where /proc is unreadable (the memory column then says n/a)."""
+    try:
+        return proc_status(field)
+    except (OSError, KeyError):
+        return None
+
+
 if __name__ == "__main__":
     main()
+
