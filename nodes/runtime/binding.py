@@ -98,11 +98,9 @@ class AdapterRuntime:
         return "merged"
 
     def mixture_has_base_branch(self) -> bool:
-        try:
-            options = [option for _, option in self.mixture(0)]
-            return None in options and any(option is not None for option in options)
-        except Exception:  # a policy that needs a live run to answer: keep the default
-            return False
+        """Whether the mixture blends the base model (option None) with LoRAs (AutoLoRA at 0 < γ ≠ 1)."""
+        options = [option for _, option in self.mixture(0)]
+        return None in options and any(option is not None for option in options)
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
