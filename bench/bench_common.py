@@ -36,3 +36,162 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------------------- device
+
+def add_device_arguments(parser) -> None:
+    """``--device`` and ``--keep-loaded``, shared by the sampling benchmarks."""
+    import argparse
+
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda (ComfyUI's own GPU choice; sets LORA_COMPOSER_DEVICE). On cuda "
+                             "the clocks wait for the GPU and each run's peak CUDA memory is reported")
+    parser.add_argument("--keep-loaded", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the model loaded between runs (default: on cuda, where uploading the whole model "
+                             "in every run would dominate it, as ComfyUI keeps it loaded between prompts; on the CPU "
+                             "every run starts from an unloaded model)")
+
+
+def select_device(args) -> None:
+    """Before ComfyUI is imported: tell the harness which device to let ComfyUI use."""
+    import os
+
+    os.environ["LORA_COMPOSER_DEVICE"] = args.device
+    if getattr(args, "timing", "fresh") == "steady":
+        if args.keep_loaded is False:
+            raise SystemExit("--timing steady samples the same loaded model repeatedly: drop --no-keep-loaded")
+        args.keep_loaded = True
+    if args.keep_loaded is None:
+        args.keep_loaded = args.device == "cuda"
+
+
+def runs_described(args) -> str:
+    """What one timed run covers, for the results header."""
+    if args.timing == "steady":
+        return (f"sample {args.steps} steps with the MODEL/GUIDER built once beforehand (untimed), model kept loaded, "
+                "runs of one method back to back")
+    if args.keep_loaded:
+        loaded = ("model kept loaded between runs: a run also pays for un-patching the weights the run before left "
+                  "patched, as the next prompt does in ComfyUI")
+    else:
+        loaded = "model unloaded before each run, untimed"
+    return f"build MODEL/GUIDER + sample {args.steps} steps; {loaded}"
+
+
+def device_description(args) -> str:
+    import torch
+
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return "CPU"
+
+
+class RunMeter:
+    """Wall and process-CPU clocks around one run; on CUDA they wait for the GPU at both ends, and the run's
+    peak of ``torch.cuda.max_memory_allocated`` (whole process, model included) is recorded as well."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.peak: int | None = None
+
+    def __enter__(self):
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        self.wall = time.perf_counter() - self._t0
+        self.cpu = time.process_time() - self._c0
+
+
+def add_budget_argument(parser) -> None:
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-time budget in seconds: stop timing after the last round that fits (at least one), "
+                             "so that a run under a hard time limit still prints its tables")
+
+
+def out_of_budget(args, t_start: float, round_seconds: float, done: int) -> bool:
+    """After round ``done`` (0 = the warm-up) took ``round_seconds``: would the next round pass ``--budget-s``?
+
+    Shrinks ``args.repeats`` to the rounds actually timed and says so, so the tables print the true count.
+    """
+    import time
+
+    if not args.budget_s or done < 1 or done >= args.repeats:
+        return False
+    if time.perf_counter() - t_start + round_seconds <= args.budget_s:
+        return False
+    print(f"NOTE: stopping after {done} of {args.repeats} timed rounds: another round ({round_seconds:.0f} s) "
+          f"would pass --budget-s {args.budget_s:g}", flush=True)
+    args.repeats = done
+    return True
+
+
+
+def add_timing_argument(parser) -> None:
+    parser.add_argument("--timing", choices=("fresh", "steady"), default="fresh",
+                        help="fresh (default): every run builds its MODEL/GUIDER and samples, methods interleaved "
+                             "round by round (what a changed prompt costs). steady: each method is built once, then "
+                             "sampled warm-up + --repeats times in a row with the model kept loaded (what sampling "
+                             "the same graph again costs; on a GPU the fresh runs are dominated by ComfyUI reloading "
+                             "the model whenever the patched clone changes)")
+
+
+def steady_repeats(args, t_start: float, configs_left: int, run_seconds: float) -> int:
+    """Timed repeats for the next method in ``--timing steady`` under ``--budget-s`` (at least one)."""
+    import time
+
+    if not args.budget_s or run_seconds <= 0:
+        return args.repeats
+    left = args.budget_s - (time.perf_counter() - t_start)
+    fit = int(left / (configs_left * run_seconds)) - 1  # one warm-up per method
+    if fit >= args.repeats:
+        return args.repeats
+    fit = max(1, fit)
+    print(f"NOTE: --budget-s: {fit} timed repeat(s) for the remaining {configs_left} method(s)", flush=True)
+    return fit
+
+
+
+def time_steady(methods, configs, args, t_start: float, prepare):
+    """``--timing steady``: each config built once (``prepare(cfg)`` → sampling call, untimed), then sampled
+    warm-up + repeats times in a row through ``methods.timed``. Returns (times, CUDA peaks, warm-up outputs)."""
+    import statistics
+    import time
+
+    def wall(t):  # bench_switch records (wall, CPU) pairs, bench_composite wall seconds
+        return t[0] if isinstance(t, tuple) else t
+
+    times: dict = {}
+    cuda_peaks: dict = {}
+    warm_outputs: dict = {}
+    run_seconds = 0.0
+    for i, cfg in enumerate(configs):
+        sample = prepare(cfg)
+        repeats = steady_repeats(args, t_start, len(configs) - i, run_seconds)
+        for rnd in range(repeats + 1):
+            seconds, out = methods.timed(sample)
+            if methods.last_peak is not None:
+                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        run_seconds = statistics.mean(statistics.mean(wall(t) for t in v) for v in times.values())  # so far
+    print(f"all methods timed ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+    args.repeats = min(len(v) for v in times.values())
+    return times, cuda_peaks, warm_outputs

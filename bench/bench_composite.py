@@ -5,7 +5,8 @@ Usage::
 
     python bench/bench_composite.py [--quick] [--steps N] [--repeats N] [--k 2,3,5] [--no-memory] [--profile]
 
-What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU, fp32):
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp32, on the CPU unless
+``--device cuda``; ``--timing steady``: see bench_common.add_timing_argument):
 
 * A mid-size SD1.5-shaped UNet (bench_apply.py's layout with model_channels 96: ≈ 81 M parameters;
   ``--quick``: model_channels 32, ≈ 10 M) and rank-16 kohya LoRA files (alpha 8) written by
@@ -16,8 +17,9 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CP
   every method. Model-form methods sample with ``comfy.sample.sample_custom``, guiders with
   ``guider.sample``.
 * One *run* = build the MODEL / GUIDER with the nodes or the core API, then sample. ComfyUI's model
-  management is reset before every run (``unload_all_models``, untimed), so a method that patches
-  weights pays for it in every run, as on a fresh prompt.
+  management is reset before every run (``unload_all_models``, untimed; ``--keep-loaded``, the default on
+  cuda, keeps the model loaded), so a method that patches weights pays for it in every run, as on a fresh
+  prompt.
 
   S       ``LoraSetLoad`` (1st LoRA) → ``LoraSetApply``: one LoRA applied statically (the baseline;
           k×S is the "physical floor" of evaluating k LoRAs separately);
@@ -86,7 +88,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, TARGET_MARKERS, proc_status as _proc_status, reset_peak_rss)
+    SD15_LAYOUT, TARGET_MARKERS, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
+    device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss, runs_described, select_device,
+    time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -284,6 +288,9 @@ class Methods:
         self.model = model
         self.steps = args.steps
         self.loras_dir = loras_dir
+        self.device = args.device
+        self.keep_loaded = args.keep_loaded
+        self.last_peak: int | None = None
         self.patching = env.engine("nodes.patching")
         self.ms = model.get_model_object("model_sampling")
         self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
@@ -322,15 +329,17 @@ class Methods:
     def sample_model(self, model):
         import comfy.sample
 
-        return comfy.sample.sample_custom(model, self.noise, CFG, self.sampler, self.sigmas, self.positive,
-                                          self.negative, self.latent, disable_pbar=True, seed=SEED)
+        return lambda: comfy.sample.sample_custom(model, self.noise, CFG, self.sampler, self.sigmas, self.positive,
+                                                  self.negative, self.latent, disable_pbar=True, seed=SEED)
 
     def sample_guider(self, guider):
-        out = guider.sample(self.noise, self.latent, self.sampler, self.sigmas, denoise_mask=None, callback=None,
-                            disable_pbar=True, seed=SEED)
-        return out.to(self.mm.intermediate_device())
+        def sample():
+            out = guider.sample(self.noise, self.latent, self.sampler, self.sigmas, denoise_mask=None, callback=None,
+                                disable_pbar=True, seed=SEED)
+            return out.to(self.mm.intermediate_device())
+        return sample
 
-    # -- the methods -----------------------------------------------------------------------------
+    # -- the methods: each prepares its MODEL / GUIDER and returns the sampling call --------------
     def static(self):
         (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(lora_names(1)))
         return self.sample_model(patched)
@@ -369,7 +378,8 @@ class Methods:
         return self.sample_guider(core_guider_classes()["auto"](self.model, group, self.positive, self.negative, CFG,
                                                                 GAMMA))
 
-    def run(self, method: str, k: int = 0):
+    def prepare(self, method: str, k: int = 0):
+        """Build a method's MODEL / GUIDER; returns its sampling call."""
         if method == "S":
             return self.static()
         if method == "CM":
@@ -390,28 +400,66 @@ class Methods:
             return self.core_autolora()
         raise ValueError(method)
 
-    def timed(self, method: str, k: int = 0):
-        self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
+    def run(self, method: str, k: int = 0):
+        """One run: build the method, then sample."""
+        return self.prepare(method, k)()
+
+    def timed(self, fn, *a):
+        """(wall seconds, output) of ``fn(*a)``; its peak CUDA memory in ``last_peak``."""
+        if not self.keep_loaded:
+            self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
         gc.collect()
-        t0 = time.perf_counter()
-        out = self.run(method, k)
-        return time.perf_counter() - t0, out
+        with RunMeter(self.device) as meter:
+            out = fn(*a)
+        self.last_peak = meter.peak
+        return meter.wall, out
+
+
+def time_fresh(methods: Methods, configs, args, t_start: float):
+    """Rounds of every method (build + sample each time), order reversed every other round; round 0 is the
+    warm-up. (times, CUDA peaks)."""
+    times: dict[tuple, list[float]] = {}
+    cuda_peaks: dict[tuple, int] = {}
+    warm_outputs: dict[tuple, object] = {}
+    rounds = 0 if args.memory_only else args.repeats
+    for rnd in range(rounds + 1):  # round 0 is the warm-up
+        t_round = time.perf_counter()
+        order = configs if rnd % 2 == 0 else configs[::-1]
+        for cfg in order:
+            seconds, out = methods.timed(methods.run, *cfg)
+            if methods.last_peak is not None:
+                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            check_outputs(warm_outputs, args.ks)
+        else:
+            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+        if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
+            break
+    return times, cuda_peaks
 
 
 def time_one_forward(model, methods: Methods, rows: int = 2) -> float:
     """Seconds of one bare UNet forward with ``rows`` rows (for the ETA)."""
     import torch
 
+    methods.mm.load_models_gpu([model])  # on the device the runs use (a no-op move on the CPU)
     dm = model.model.diffusion_model
+    dev = model.load_device
     side = methods.latent.shape[-1]
-    x = torch.randn(rows, 4, side, side, generator=torch.Generator().manual_seed(3))
-    t = torch.full((rows,), 500.0)
-    context = torch.cat([methods.positive[0][0], methods.negative[0][0]] * (rows // 2))
+    x = torch.randn(rows, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev)
+    t = torch.full((rows,), 500.0, device=dev)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]] * (rows // 2)).to(dev)
     with torch.no_grad():
         dm(x, t, context=context)
-        t0 = time.perf_counter()
-        dm(x, t, context=context)
-        return time.perf_counter() - t0
+        with RunMeter(methods.device) as meter:
+            dm(x, t, context=context)
+    methods.mm.unload_all_models()
+    return meter.wall
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -556,7 +604,11 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
                    help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes (always skipped on "
+                                                            "cuda, where each run's peak CUDA memory is reported)")
+    add_device_arguments(p)
+    add_budget_argument(p)
+    add_timing_argument(p)
     p.add_argument("--memory-only", action="store_true", help="skip the timings (guards and peak RSS only)")
     p.add_argument("--mem-steps", type=int, default=2, help="sampler steps in the memory children (default 2)")
     p.add_argument("--profile", action="store_true", help="always cProfile (default: only methods that miss a target)")
@@ -577,6 +629,11 @@ def parse_args():
     args.k_given = args.k is not None
     args.mem_k_given = args.mem_k is not None
     args.mem_k = args.mem_k or max(args.ks)
+    select_device(args)
+    if args.device == "cuda":
+        args.no_memory = True  # RSS says nothing about GPU memory; the runs record their CUDA peaks instead
+        if args.memory_only:
+            p.error("--memory-only measures peak RSS in child processes: CPU only")
     return args
 
 
@@ -652,7 +709,7 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     missed: list[tuple[str, int]] = []
     print()
     print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "
-          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed)")
+          f"({runs_described(args)})")
     print(f"{S_LABEL}: median {s:.3f} s (min {min(times[('S', 0)]):.3f})")
 
     print()
@@ -703,6 +760,21 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     return missed
 
 
+def print_cuda_peaks(args, peaks: dict) -> None:
+    """Peak CUDA memory per method (max over all rounds): absolute, above S, and in patched-copy units."""
+    labels = {"S": S_LABEL, **COMPOSITE_METHODS, **AUTOLORA_METHODS}
+    s = peaks[("S", 0)]
+    print()
+    print("Peak CUDA memory allocated during a run (torch.cuda.max_memory_allocated, whole process incl. the loaded "
+          "model, max over all rounds), MiB:")
+    widths = (31, 6, 10, 10)
+    print(fmt_row(("method", "k", "peak", "- S"), widths))
+    for cfg in [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]:
+        m, k = cfg
+        v = peaks[cfg]
+        print(fmt_row((labels[m], k or "", f"{v / 2**20:.1f}", f"{(v - s) / 2**20:+.1f}"), widths))
+
+
 def main() -> None:
     args = parse_args()
     setup_process(args.threads, args.attention)
@@ -719,7 +791,9 @@ def main() -> None:
 
     print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
+          f"{device_description(args)}; model "
+          f"{'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}")
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
@@ -750,24 +824,13 @@ def main() -> None:
           f"{'' if args.no_memory else ' + memory children'}: estimated {eta / 60:.1f} min from here", flush=True)
 
     freeze_gc()
-    times: dict[tuple, list[float]] = {}
-    warm_outputs: dict[tuple, object] = {}
-    rounds = 0 if args.memory_only else args.repeats
-    for rnd in range(rounds + 1):  # round 0 is the warm-up
-        order = configs if rnd % 2 == 0 else configs[::-1]
-        for cfg in order:
-            seconds, out = methods.timed(*cfg)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
-        if rnd == 0:
-            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(warm_outputs, args.ks)
-        else:
-            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+    if args.timing == "steady" and not args.memory_only:
+        times, cuda_peaks, warm_outputs = time_steady(methods, configs, args, t_start,
+                                                      lambda cfg: methods.prepare(*cfg))
+        check_outputs(warm_outputs, args.ks)
+    else:
+        times, cuda_peaks = time_fresh(methods, configs, args, t_start)
     methods.mm.unload_all_models()
-    del warm_outputs
 
     memory = {} if args.no_memory else measure_memory(args, models_dir)
 
@@ -797,6 +860,9 @@ def main() -> None:
                            if s_mem > 0 else "n/a", f"{(v - s_mem) / one_copy:+.2f}", verdict), mw))
         print("  (- S copies = (peak − S) / one patched copy; the unmerged strategies also hold k× the "
               "activations of one batch)")
+
+    if cuda_peaks:
+        print_cuda_peaks(args, cuda_peaks)
 
     print()
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")

@@ -5,7 +5,8 @@ Usage::
 
     python bench/bench_switch.py [--quick] [--steps N] [--repeats N] [--no-memory] [--profile]
 
-What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CPU, fp32):
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp32, on the CPU unless
+``--device cuda``; ``--timing steady``: see bench_common.add_timing_argument):
 
 * A mid-size SD1.5-shaped UNet (bench_apply.py's layout, model_channels 96: ≈ 81 M parameters;
   ``--quick``: model_channels 32, ≈ 10 M) and kohya LoRA files written by ``harness.lora_factory`` into
@@ -14,8 +15,9 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, CP
 * Sampling: euler / normal, ``--steps`` steps (default 12), batch 1, latent 64×64 (512 px; ``--quick``:
   16×16), cfg 5 (cond + uncond: two rows per UNet call), the same seed for every run.
 * One *run* = build the MODEL (or GUIDER) with the nodes / core API, then sample. ComfyUI's model
-  management is reset before every run (``unload_all_models``, untimed), so a method that patches
-  weights pays for it in every run, as on a fresh prompt.
+  management is reset before every run (``unload_all_models``, untimed; ``--keep-loaded``, the default on
+  cuda, keeps the model loaded), so a method that patches weights pays for it in every run, as on a fresh
+  prompt.
 
   A. static: ``LoraSetLoad`` (first LoRA) → ``LoraSetApply`` → ``comfy.sample.sample`` (the baseline);
   B. ``LoraSetSwitch`` (strategy auto = merged), k = 3, τ = switch_every = 5, schedule "paper";
@@ -74,7 +76,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, TARGET_MARKERS, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss)
+    SD15_LAYOUT, TARGET_MARKERS, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
+    device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss,
+    runs_described, select_device, time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -222,6 +226,9 @@ class Methods:
         self.model = model
         self.steps = args.steps
         self.every = args.every
+        self.device = args.device
+        self.keep_loaded = args.keep_loaded
+        self.last_peak: int | None = None
         self.loras_dir = loras_dir
         self.ms = model.get_model_object("model_sampling")
         self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
@@ -289,15 +296,15 @@ class Methods:
         return comfy.sample.sample(model, self.noise, self.steps, CFG, SAMPLER, SCHEDULER, positive, negative,
                                    self.latent, disable_pbar=True, seed=SEED)
 
-    # -- the methods -----------------------------------------------------------------------------
+    # -- the methods: each prepares its MODEL / GUIDER and returns the sampling call --------------
     def static(self, names):
         (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(names[:1]))
-        return self.sample(patched, self.positive, self.negative)
+        return lambda: self.sample(patched, self.positive, self.negative)
 
     def switch(self, names, strategy):
         (switched, _clip, _report) = call_node("LoraSetSwitch", model=self.model, lora_set=self.lora_set(names),
                                                switch_every=self.every, schedule="paper", strategy=strategy)
-        return self.sample(switched, self.positive, self.negative)
+        return lambda: self.sample(switched, self.positive, self.negative)
 
     def keyframes(self, names):
         import comfy.hooks
@@ -316,7 +323,7 @@ class Methods:
         hooks = comfy.hooks.HookGroup.combine_all_hooks(groups)
         positive = comfy.hooks.set_hooks_for_conditioning(self.positive, hooks)
         negative = comfy.hooks.set_hooks_for_conditioning(self.negative, hooks)
-        return self.sample(self.model, positive, negative)
+        return lambda: self.sample(self.model, positive, negative)
 
     def guider(self, names):
         import comfy.hooks
@@ -324,12 +331,15 @@ class Methods:
 
         groups = [comfy.hooks.create_hook_lora(self.lora_sd(name), 1.0, 1.0) for name in names]
         guider = hook_switch_guider_class()(self.model, groups, self.every, self.positive, self.negative, CFG)
-        out = guider.sample(self.noise, self.latent, comfy.samplers.sampler_object(SAMPLER), self.sigmas,
-                            denoise_mask=None, callback=None, disable_pbar=True, seed=SEED)
-        return out.to(self.mm.intermediate_device())
 
-    def run(self, method: str, rank: int):
-        """One run of a main-table method at ``rank``."""
+        def sample():
+            out = guider.sample(self.noise, self.latent, comfy.samplers.sampler_object(SAMPLER), self.sigmas,
+                                denoise_mask=None, callback=None, disable_pbar=True, seed=SEED)
+            return out.to(self.mm.intermediate_device())
+        return sample
+
+    def prepare(self, method: str, rank: int):
+        """Build a main-table method at ``rank``; returns its sampling call."""
         names = lora_names(rank)
         if method == "A":
             return self.static(names)
@@ -343,16 +353,54 @@ class Methods:
             return self.switch(names, "unmerged")
         raise ValueError(method)
 
-    def run_one_entry(self, strategy: str, rank: int):
+    def prepare_one_entry(self, strategy: str, rank: int):
         return self.switch(lora_names(rank, 1), strategy)
 
+    def run(self, method: str, rank: int):
+        """One run of a main-table method: build it, then sample."""
+        return self.prepare(method, rank)()
+
+    def run_one_entry(self, strategy: str, rank: int):
+        return self.prepare_one_entry(strategy, rank)()
+
     def timed(self, fn, *a):
-        """((wall seconds, process CPU seconds), output) of one run."""
-        self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
+        """((wall seconds, process CPU seconds), output) of one run; its peak CUDA memory in ``last_peak``."""
+        if not self.keep_loaded:
+            self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
         gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn(*a)
-        return (time.perf_counter() - t0, time.process_time() - c0), out
+        with RunMeter(self.device) as meter:
+            out = fn(*a)
+        self.last_peak = meter.peak
+        return (meter.wall, meter.cpu), out
+
+
+def time_fresh(methods: Methods, configs, args, t_start: float, unmerged_ranks):
+    """Rounds of every method (build + sample each time); round 0 is the warm-up. (times, CUDA peaks)."""
+    times: dict[tuple, list[tuple[float, float]]] = {}
+    cuda_peaks: dict[tuple, int] = {}
+    warm_outputs: dict[tuple, object] = {}
+    for rnd in range(args.repeats + 1):  # round 0 is the warm-up
+        t_round = time.perf_counter()
+        for cfg in configs:
+            kind, what, rank = cfg
+            if kind == "main":
+                seconds, out = methods.timed(methods.run, what, rank)
+            else:
+                seconds, out = methods.timed(methods.run_one_entry, what, rank)
+            if methods.last_peak is not None:
+                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
+            if rnd == 0:
+                warm_outputs[cfg] = out
+            else:
+                times.setdefault(cfg, []).append(seconds)
+        if rnd == 0:
+            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            check_outputs(warm_outputs, unmerged_ranks)
+        else:
+            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+        if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
+            break
+    return times, cuda_peaks
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -363,11 +411,13 @@ def count_flops(model, methods: Methods, targets: list[str]):
     import torch
     from torch.utils import flop_counter
 
+    methods.mm.load_models_gpu([model])  # on the device the runs use (a no-op move on the CPU)
     dm = model.model.diffusion_model
+    dev = model.load_device
     side = methods.latent.shape[-1]
-    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(3))
-    t = torch.full((2,), 500.0)
-    context = torch.cat([methods.positive[0][0], methods.negative[0][0]])
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev)
+    t = torch.full((2,), 500.0, device=dev)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]]).to(dev)
     layers: dict[str, tuple[int, int, int]] = {}
     handles = []
     for key in targets:
@@ -396,11 +446,10 @@ def count_flops(model, methods: Methods, targets: list[str]):
     finally:
         for h in handles:
             h.remove()
-    with torch.no_grad():
-        t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad(), RunMeter(methods.device) as meter:
         dm(x, t, context=context)
-        seconds = (time.perf_counter() - t0, time.process_time() - c0)
-    return counter.get_total_flops(), layers, seconds
+    methods.mm.unload_all_models()
+    return counter.get_total_flops(), layers, (meter.wall, meter.cpu)
 
 
 def lora_flops(layers: dict, rank: int) -> int:
@@ -540,7 +589,11 @@ def parse_args():
                         "5-20x slower and erratic as soon as other processes ran)")
     p.add_argument("--attention", choices=("pytorch", "comfy"), default="pytorch",
                    help="pytorch: torch SDPA (ComfyUI's GPU default); comfy: ComfyUI's CPU default (sub-quadratic)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes (always skipped on "
+                                                            "cuda, where each run's peak CUDA memory is reported)")
+    add_device_arguments(p)
+    add_budget_argument(p)
+    add_timing_argument(p)
     p.add_argument("--no-unmerged-table", action="store_true", help="skip F/G/H (one-entry unmerged vs merged)")
     p.add_argument("--profile", action="store_true", help="always cProfile one B run (default: only on a missed target)")
     p.add_argument("--child", choices=("baseline", "A", "B", "C", "D"), help=argparse.SUPPRESS)
@@ -553,6 +606,7 @@ def parse_args():
     args.every = args.every or (2 if args.quick else EVERY)
     args.latent = args.latent or LATENT[mode]
     args.model_channels = args.model_channels or MODEL_CHANNELS[mode]
+    select_device(args)
     return args
 
 
@@ -572,7 +626,9 @@ def main() -> None:
 
     print(f"LoRA Switch benchmark — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, CPU")
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
+          f"{device_description(args)}; model "
+          f"{'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}")
     model = build_model(args)
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
@@ -597,7 +653,7 @@ def main() -> None:
     print(f"UNet FLOPs per call (2 rows, FlopCounterMode): {flops / 1e9:.1f} GFLOP; the {len(layers)} target layers "
           f"account for {layer_flops(layers) / 1e9:.1f} GFLOP; one UNet call took {fwd_seconds[0]:.2f} s "
           f"({fwd_seconds[1]:.2f} s CPU)")
-    print(f"keyframe start_percent per switch step (C): "
+    print("keyframe start_percent per switch step (C): "
           + ", ".join(f"step {s}: {methods.percents[s]:.4f}" for s in range(args.every, args.steps, args.every)))
     configs = [("main", m, r) for r in RANKS for m in METHODS]
     configs += [("one", s, r) for r in unmerged_ranks for s in ("merged", "unmerged")]
@@ -606,31 +662,21 @@ def main() -> None:
           f"estimated ≥ {eta / 60:.1f} min for the timings (UNet calls only)", flush=True)
 
     freeze_gc()
-    times: dict[tuple, list[tuple[float, float]]] = {}
-    warm_outputs: dict[tuple, object] = {}
-    for rnd in range(args.repeats + 1):  # round 0 is the warm-up
-        for cfg in configs:
+    if args.timing == "steady":
+        def prepare(cfg):
             kind, what, rank = cfg
-            if kind == "main":
-                seconds, out = methods.timed(methods.run, what, rank)
-            else:
-                seconds, out = methods.timed(methods.run_one_entry, what, rank)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
-        if rnd == 0:
-            print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(warm_outputs, unmerged_ranks)
-        else:
-            print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+            return methods.prepare(what, rank) if kind == "main" else methods.prepare_one_entry(what, rank)
+        times, cuda_peaks, warm_outputs = time_steady(methods, configs, args, t_start, prepare)
+        check_outputs(warm_outputs, unmerged_ranks)
+    else:
+        times, cuda_peaks = time_fresh(methods, configs, args, t_start, unmerged_ranks)
     methods.mm.unload_all_models()
 
-    memory = {} if args.no_memory else measure_memory(args, RANKS[0], models_dir)
+    memory = {} if args.no_memory or args.device == "cuda" else measure_memory(args, RANKS[0], models_dir)
 
     print()
     print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "
-          f"(build MODEL/GUIDER + sample {args.steps} steps; model unloaded before each run, untimed). "
+          f"({runs_described(args)}). "
           "Each table twice: wall clock, and process CPU time (one torch thread: CPU time leaves out waiting "
           "for a core that another process holds)")
     missed = False
@@ -651,6 +697,9 @@ def main() -> None:
             ru, run_peak = memory[m]
             print(fmt_row((METHODS[m], f"{ru / 2**20:.1f}",
                            "n/a" if run_peak is None else f"{run_peak / 2**20:.1f}"), mw))
+
+    if cuda_peaks:
+        print_cuda_peaks(cuda_peaks, unmerged_ranks)
 
     print()
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
@@ -698,6 +747,23 @@ def print_tables(med: dict, samples: dict, clock: str, args, layers: dict, flops
             print(fmt_row((rank, f"{mg:.3f}", f"{um:.3f}", f"{um / mg:.3f}", f"{lf / 1e9:.2f}", f"{flops / 1e9:.1f}",
                            f"{1 + lf / flops:.3f}"), uw))
     return missed
+
+
+def print_cuda_peaks(peaks: dict, unmerged_ranks) -> None:
+    """Peak CUDA memory per method (max over all rounds), absolute and above A at the same rank."""
+    print()
+    print("Peak CUDA memory allocated during a run (torch.cuda.max_memory_allocated, whole process incl. the loaded "
+          "model, max over all rounds), MiB:")
+    widths = (34, 10, 10)
+    for rank in RANKS:
+        a = peaks[("main", "A", rank)]
+        print(fmt_row((f"rank {rank}", "peak", "- A"), widths))
+        for m, label in METHODS.items():
+            v = peaks[("main", m, rank)]
+            print(fmt_row((label, f"{v / 2**20:.1f}", f"{(v - a) / 2**20:+.1f}"), widths))
+    for rank in unmerged_ranks:
+        mg, um = peaks[("one", "merged", rank)], peaks[("one", "unmerged", rank)]
+        print(f"  one-entry rank {rank}: merged {mg / 2**20:.1f}, unmerged {um / 2**20:.1f} MiB")
 
 
 def check_outputs(outputs: dict, unmerged_ranks) -> None:

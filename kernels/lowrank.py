@@ -715,9 +715,7 @@ def lowrank_delta_torch(
     elif strategy == "concat" and not concat_ok:
         strategy = "grouped"  # Tucker: same sum, the only non-oracle path that handles it
 
-    # c[n, a] = w[n, a] · s_a, formed in fp64 (an [N, k] tensor: free) so that the only rounding
-    # is the one cast to the compute dtype.
-    coef = (w.to(scales.device, torch.float64) * scales).to(device=x.device, dtype=x.dtype)
+    coef = _coefficients(w, adapters, scales, x)
 
     if strategy == "concat":
         if cache is not None:
@@ -738,6 +736,25 @@ def lowrank_delta_torch(
     if used is None:
         used = w.cpu() != 0
     return _grouped(x, factors, coef, used, conv, out)
+
+
+def _coefficients(w: Tensor, adapters: Sequence[LowRankAdapter], scales: Tensor, x: Tensor) -> Tensor:
+    """``c[n, a] = w[n, a] · s_a`` on ``x``'s device in ``x``'s dtype.
+
+    Formed in fp64 (an ``[N, k]`` tensor: free), so the only rounding is the one cast to the compute
+    dtype. Routing weights live on the host; moving them to a GPU from pageable memory would make the
+    host wait for the GPU at every hooked layer, so the product is formed on the host and uploaded from
+    pinned memory without a sync (same fp64 arithmetic, same values).
+    """
+    if w.device.type == "cpu" and x.device.type == "cuda":
+        host_scales = torch.tensor([a.scale for a in adapters], dtype=torch.float64)
+        c = (w.to(torch.float64) * host_scales).to(x.dtype)
+        try:
+            c = c.pin_memory()
+        except RuntimeError:  # pinned memory unavailable (some WSL setups): a synchronous copy
+            return c.to(x.device)
+        return c.to(x.device, non_blocking=True)
+    return (w.to(scales.device, torch.float64) * scales).to(device=x.device, dtype=x.dtype)
 
 
 def lowrank_delta(

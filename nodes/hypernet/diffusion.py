@@ -25,6 +25,7 @@ import comfy.model_management as mm
 import torch
 from torch import nn
 
+from ..training.autograd_alias import alias, aliasable, untracked_by_autograd
 from .lidb import LidbSpec, aux_matrices
 
 SIGMA_PERCENT_RANGE = (0.001, 0.999)
@@ -55,28 +56,25 @@ class DiffusionContext:
 
 
 def _autograd_safe(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Stand-ins for parameters made under ``torch.inference_mode`` (every model ComfyUI loads in a graph),
-    which autograd refuses to save for backward.
+    """Stand-ins for parameters autograd refuses to save for backward: made under ``torch.inference_mode``
+    (every model ComfyUI loads in a graph), also after ComfyUI moved them to the GPU (``autograd_alias``).
 
-    A plain tensor gets a zero-copy alias: a normal tensor on the same storage (``Tensor.set_``, the
-    trick ``nodes/training/session.py`` uses); tensor subclasses (quantised weights) are cloned.
+    A plain tensor gets a zero-copy alias (a normal tensor on the same storage); tensor subclasses
+    (quantised weights) are cloned.
     ``functional_call`` substitutes them for the run only; the module itself is never modified.
     """
     safe = {}
     for name, p in module.named_parameters():
-        if not p.is_inference():
+        if not untracked_by_autograd(p):
             continue
-        if type(p) in (torch.Tensor, nn.Parameter) and p.layout == torch.strided:
-            alias = torch.empty(0, dtype=p.dtype, device=p.device)
-            safe[f"base.{name}"] = alias.set_(p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
-        else:
-            safe[f"base.{name}"] = p.detach().clone()
+        safe[f"base.{name}"] = alias(p) if aliasable(p) else p.detach().clone()
     return safe
 
 
 def prepare(model, clip, spec: LidbSpec, prompt: str) -> DiffusionContext:
     """Load the MODEL for training, encode the prompt once, move the UNet layers' aux matrices."""
-    mm.load_models_gpu([model], force_full_load=True)
+    with torch.inference_mode():  # as ComfyUI loads: a move with autograd on breaks inference weights
+        mm.load_models_gpu([model], force_full_load=True)
     device = model.load_device
     wrapper = _ApplyModel(model.model)
     indices = [i for i, layer in enumerate(spec.layers) if not layer.is_text_encoder]

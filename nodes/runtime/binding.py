@@ -86,14 +86,16 @@ class AdapterRuntime:
     def chosen_strategy(self, device: torch.device) -> str:
         if self.strategy != "auto":
             return self.strategy
-        # Switch: one LoRA at a time is cheapest baked in. Mixtures of LoRAs (Composite): on a CPU k
-        # sequential merged passes cost about one k-times batch minus the unmerged low-rank FLOPs; on a
-        # GPU one big batch uses the device better. A mixture with a base branch (AutoLoRA) runs adapters
-        # on half the rows only, and one batch of 2× rows beat two passes on the CPU too (bench_composite:
-        # 2.01× vs 2.13× plain LoRA sampling), with no patched weight copy at all.
+        # Measured (bench/bench_switch.py, bench/bench_composite.py; README "Benchmarks"): one LoRA at a time
+        # (Switch) is cheapest baked in everywhere. Mixtures of LoRAs (Composite) too: on a CPU k merged passes
+        # cost about one k-times batch minus the unmerged low-rank FLOPs, and on an H100 (SD1.5-sized UNet, 512
+        # px, fp32) two rows already fill the GPU, so k merged passes beat one k-times batch (0.88 s vs 1.63 s
+        # at k = 2). A mixture with a base branch (AutoLoRA) runs adapters on half the rows only: one batch of
+        # 2× rows beat two merged passes on the CPU (2.01× vs 2.13× plain LoRA sampling), not on the H100
+        # (1.27 s vs 0.90 s).
         if self.mixture is None:
             return "merged"
-        if device.type == "cuda" or self.mixture_has_base_branch():
+        if device.type == "cpu" and self.mixture_has_base_branch():
             return "unmerged"
         return "merged"
 
@@ -128,7 +130,8 @@ class AdapterRuntime:
             self.run = None
 
     def sets_to_cache(self, swapper: MergedSwapper, device: torch.device) -> int:
-        """``cached_sets`` as given, or for ``"fit"``: one per option while they fit in half the free memory.
+        """``cached_sets`` as given, or for ``"fit"``: on the CPU one per option while they fit in half the free
+        memory, on a GPU none.
 
         A mixture evaluates every option at every model call; with each option's weights cached a swap
         is a pointer move (ComfyUI core's hook-group guider keeps the same copies), without it every
@@ -136,6 +139,10 @@ class AdapterRuntime:
         """
         if self.cached_sets != "fit":
             return int(self.cached_sets)
+        if device.type != "cpu":
+            # On a GPU recomputing a set (copy + low-rank product per layer) takes about a millisecond per GiB,
+            # while each cached set would hold a patched copy of the LoRA'd layers in scarce device memory.
+            return 0
         per_set = max(swapper.set_bytes(), 1)
         fit = int(0.5 * self.free_memory(device) // per_set)
         if fit < len(self.options):

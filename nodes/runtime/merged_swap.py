@@ -7,13 +7,16 @@ to static application, and switching never accumulates rounding error (no W + Δ
 
 Memory: the Parameter objects found at the start are kept by reference (as ComfyUI's own backup
 does) and put back at the end, so besides the LoRA tensors we hold one patched copy per layer — the
-same as one statically applied LoRA — plus one layer's temporary while computing.
+same as one statically applied LoRA — plus one layer's temporary while computing. On a GPU the
+fast path's LoRA factors are moved to it once per run (the LoRA tensors on the device).
 
-Speed: a switch is paid inside the sampling loop, so plain low-rank patches on fp32 weights (the
-common case) take a fast path that rewrites the previous patched copy in place — ``copy_`` of the
-original, then ``up @ down`` scaled and added in exactly core's operation order (still bit-identical)
-— instead of allocating a fresh fp32 copy per layer. Fresh allocations page-fault on first touch,
-which on CPU costs as much as the arithmetic. Everything else goes through ``calculate_weight``.
+Speed: a switch is paid inside the sampling loop, so plain low-rank patches (the common case; fp32,
+fp16 or bf16 weights, any compute dtype core uses) take a fast path that rewrites the previous patched
+copy in place — ``copy_`` of the original, then ``up @ down`` scaled and added in exactly core's
+operation order and dtypes (still bit-identical) — instead of allocating a fresh copy per layer and
+going through ``calculate_weight`` (fresh allocations page-fault on first touch, which on CPU costs as
+much as the arithmetic; on a GPU core's path re-uploads the LoRA factors for every layer and swap).
+Everything else goes through ``calculate_weight``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ try:
     import comfy.float as comfy_float
 except ImportError:  # pragma: no cover - every supported ComfyUI has comfy.float
     comfy_float = None
+
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _compute_dtype(device) -> torch.dtype:
@@ -54,7 +60,10 @@ class MergedSwapper:
         self._cache: dict[object, dict[str, torch.nn.Parameter]] = {}
         # Patched Parameters of ours that nothing else refers to (not in the model, not cached): reused in place.
         self._spare: dict[str, torch.nn.Parameter] = {}
-        self._scratch: torch.Tensor | None = None  # one layer's ΔW, sized to the largest fast-path layer
+        self._scratch: dict[str, torch.Tensor] = {}  # one layer's fp32 ΔW ("product") / cast weight ("work")
+        # Fast-path factors moved to the weights' device once per run (the LoRA tensors on the device: without
+        # this every swap re-uploads them, measured as most of a swap's cost on a GPU).
+        self._device_factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _set(self, key: str, patches: list | None) -> None:
         weight, set_func, convert_func = get_key_weight(self.base_model, key)
@@ -86,12 +95,16 @@ class MergedSwapper:
         return any(cached.get(key) is param for cached in self._cache.values())
 
     def _fast_lowrank(self, key: str, original: torch.Tensor, patches: list) -> bool:
-        """``original + Σ strength·scale·(up @ down)`` into a reused buffer; False if not plain LoRA in fp32.
+        """``original + Σ strength·scale·(up @ down)`` into a reused buffer; False if not plain LoRA.
 
-        Same operations in the same order as ``calculate_weight`` → ``LoRAAdapter.calculate_weight``
-        (fp32 intermediates, ``mm`` then one scalar multiply, then ``+=``), so the result is bit-identical.
+        Same operations in the same order and dtypes as ``patch_weight_to_device`` → ``calculate_weight`` →
+        ``LoRAAdapter.calculate_weight``: the weight cast to ComfyUI's LoRA compute dtype (fp32, or fp16 where
+        0.9.2's ``lora_compute_dtype`` picks it on a GPU), the fp32 product scaled once, cast to that dtype and
+        added, the sum cast back to the weight's dtype (``stochastic_rounding`` is a plain cast for fp32, fp16
+        and bf16). So the result is bit-identical, with no per-layer allocation besides the fp32 product.
         """
-        if original.dtype != torch.float32 or _compute_dtype(original.device) != torch.float32:
+        compute = _compute_dtype(original.device)
+        if original.dtype not in _FAST_DTYPES or compute not in _FAST_DTYPES:
             return False
         factors = []
         for p in patches:
@@ -105,8 +118,7 @@ class MergedSwapper:
                 return False  # mid (Tucker), DoRA or reshape: the general path
             if not isinstance(w[2], (float, int, type(None))):
                 return False
-            up = w[0].to(original.device, torch.float32).flatten(1)
-            down = w[1].to(original.device, torch.float32).flatten(1)
+            up, down = self._factors_on(original.device, w[0], w[1])
             if up.shape[0] * down.shape[1] != original.numel():
                 return False
             scale = 1.0 if w[2] is None else w[2] / w[1].shape[0]
@@ -114,23 +126,42 @@ class MergedSwapper:
         buffer = self._spare.pop(key, None)
         if buffer is None or buffer.shape != original.shape or buffer.device != original.device:
             buffer = torch.nn.Parameter(torch.empty_like(original), requires_grad=False)
-        scratch = self._scratch_for(original)
+        product = self._scratch_for(original, "product", torch.float32)
+        if compute == original.dtype:
+            work = buffer
+        else:
+            work = self._scratch_for(original, "work", compute).view(original.shape)
         with torch.no_grad():
-            buffer.copy_(original)
+            work.copy_(original)  # the cast to the compute dtype, when it differs
             for factor, up, down in factors:
-                delta = scratch.view(up.shape[0], down.shape[1])
+                delta = product.view(up.shape[0], down.shape[1])
                 torch.mm(up, down, out=delta)
                 delta.mul_(factor)
-                buffer.add_(delta.view(original.shape))
+                delta = delta.view(original.shape)
+                work.add_(delta if compute == torch.float32 else delta.to(compute))
+            if work is not buffer:
+                buffer.copy_(work)
         comfy.utils.set_attr(self.base_model, key, buffer)
         return True
 
-    def _scratch_for(self, like: torch.Tensor) -> torch.Tensor:
-        scratch = self._scratch
-        if scratch is None or scratch.numel() < like.numel() or scratch.device != like.device:
+    def _factors_on(self, device: torch.device, up: torch.Tensor, down: torch.Tensor):
+        """``up``/``down`` as flattened fp32 matrices on ``device``, moved once per run and then reused."""
+        if up.device == device and down.device == device:
+            return up.to(torch.float32).flatten(1), down.to(torch.float32).flatten(1)
+        hit = self._device_factors.get(id(up))
+        if hit is None or hit[0] is not up:  # keyed by identity; the source is held so the id stays its own
+            hit = (up, up.to(device, torch.float32).flatten(1), down.to(device, torch.float32).flatten(1))
+            self._device_factors[id(up)] = hit
+        return hit[1], hit[2]
+
+    def _scratch_for(self, like: torch.Tensor, role: str, dtype: torch.dtype) -> torch.Tensor:
+        """A flat ``dtype`` buffer of ``like.numel()`` elements for ``role`` (the fp32 product, or the weight cast
+        to the compute dtype), sized once to the largest patched layer."""
+        scratch = self._scratch.get(role)
+        if scratch is None or scratch.numel() < like.numel() or scratch.device != like.device or scratch.dtype != dtype:
             largest = max((comfy.utils.get_attr(self.base_model, k).numel() for k in self.keys), default=0)
-            scratch = torch.empty(max(largest, like.numel()), dtype=torch.float32, device=like.device)
-            self._scratch = scratch
+            scratch = torch.empty(max(largest, like.numel()), dtype=dtype, device=like.device)
+            self._scratch[role] = scratch
         return scratch[:like.numel()]
 
     def activate(self, option: "int | tuple[float, ...] | None") -> bool:
@@ -183,5 +214,6 @@ class MergedSwapper:
         self.originals.clear()
         self._cache.clear()
         self._spare.clear()
-        self._scratch = None
+        self._device_factors.clear()
+        self._scratch = {}
         self.active = None

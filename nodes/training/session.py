@@ -12,7 +12,8 @@ Mechanism (everything is undone in ``__exit__``, also after errors and interrupt
   rebuilds W + BA densely every forward and back-propagates a dense weight gradient into it);
 * base parameters get ``requires_grad = False`` for the run (the previous flags are restored);
 * weights created under ``torch.inference_mode`` (every model ComfyUI loads in a graph) cannot be
-  saved for backward. After loading, each such parameter is swapped for a zero-copy **alias** (a
+  saved for backward, nor can such weights after ComfyUI moved them to the GPU (``autograd_alias``).
+  After loading, each such parameter is swapped for a zero-copy **alias** (a
   normal tensor on the same storage, ``Tensor.set_``) for the run and put back before unloading,
   so no weight is copied (core's path holds a W + BA copy of every layer for the backward pass).
   Tensor subclasses (quantised weights) cannot be aliased: they get an identity weight wrapper
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..patching import apply_lora_set
+from .autograd_alias import alias, aliasable, untracked_by_autograd
 from .targets import CLIP, UNET, TargetLayer
 
 log = logging.getLogger("LoRA Composer")
@@ -81,16 +83,6 @@ class _LoraHook:
                 h = h * scale
             delta = F.conv2d(h, cast(up))
         return output + delta.to(output.dtype)
-
-
-def _aliasable(tensor: torch.Tensor) -> bool:
-    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
-
-
-def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) tensor viewing ``tensor``'s storage: no copy, usable by autograd."""
-    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _clone_input(module, args):
@@ -201,8 +193,11 @@ class TrainingSession:
             self._add_fresh_weight_wrappers(patcher)  # only tensor subclasses; plain tensors are aliased
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        # like core: training needs every byte ComfyUI can free, and the model fully loaded
-        mm.load_models_gpu(self._patchers, memory_required=1e20, force_full_load=True)
+        # like core: training needs every byte ComfyUI can free, and the model fully loaded. Loaded under
+        # inference mode, as ComfyUI's executor loads: a device move made with autograd on leaves weights made
+        # under inference mode without a version counter, unusable even for inference (autograd_alias).
+        with torch.inference_mode():
+            mm.load_models_gpu(self._patchers, memory_required=1e20, force_full_load=True)
         for patcher in self._patchers:
             self._alias_inference_parameters(patcher.model)
         for patcher in self._patchers:
@@ -230,14 +225,14 @@ class TrainingSession:
                 continue
             for attr in ("weight", "bias"):
                 tensor = getattr(module, attr, None)
-                if isinstance(tensor, torch.Tensor) and tensor.is_inference() and not _aliasable(tensor):
+                if isinstance(tensor, torch.Tensor) and untracked_by_autograd(tensor) and not aliasable(tensor):
                     patcher.add_weight_wrapper(f"{name}.{attr}", _FRESH)
 
     def _alias_inference_parameters(self, root: torch.nn.Module) -> None:
         for module in root.modules():
             for attr, tensor in list(module._parameters.items()):
-                if tensor is not None and tensor.is_inference() and _aliasable(tensor):
-                    module._parameters[attr] = torch.nn.Parameter(_alias(tensor), requires_grad=False)
+                if tensor is not None and untracked_by_autograd(tensor) and aliasable(tensor):
+                    module._parameters[attr] = torch.nn.Parameter(alias(tensor), requires_grad=False)
                     self._aliased.append((module, attr, tensor))
 
     def _detach(self) -> None:
@@ -295,6 +290,7 @@ def unload_patcher(patcher) -> None:
         loaded = mm.current_loaded_models[i]
         if loaded.model is patcher:
             try:
-                loaded.model_unload()
+                with torch.inference_mode():  # the move back to the offload device, as ComfyUI makes it
+                    loaded.model_unload()
             finally:
                 mm.current_loaded_models.pop(i)

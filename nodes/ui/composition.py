@@ -68,9 +68,10 @@ class LoraSetComposite:
             "entry_weights": ("STRING", {"default": "", "tooltip": "Empty: uniform 1/k (paper). Otherwise one "
                                          "non-negative number per LoRA, e.g. '1, 1, 2'; normalised to sum 1."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
-                                            "tooltip": "merged: k sequential passes with the LoRA baked in. "
-                                                       "unmerged: one k-times batch with per-row LoRAs (faster on "
-                                                       "GPUs; split to fit free memory). auto: by device."}),
+                                            "tooltip": "merged: k sequential passes with the LoRA baked in "
+                                                       "(auto: measured faster on CPUs and on an H100). unmerged: "
+                                                       "one k-times batch with per-row LoRAs (split to fit free "
+                                                       "memory)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -103,7 +104,7 @@ class AutoLoraGuidance:
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: base and LoRA passes with swapped weights. "
                                                        "unmerged: one batch with per-row LoRAs. auto: unmerged "
-                                                       "(measured faster, no weight copy), merged at γ = 0 or 1."}),
+                                                       "on CPUs, merged on GPUs (as measured) and at γ = 0 or 1."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")

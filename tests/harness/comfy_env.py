@@ -5,6 +5,9 @@ imported with ``nodes.load_custom_node`` exactly as a user's ComfyUI would do at
 
 Which ComfyUI: ``COMFYUI_PATH`` when set, otherwise the 0.9.2 engine provisioned by
 ``scripts/provision_comfyui.py`` (see that file for the import placeholder it adds).
+
+Which device: the CPU (``--cpu``), so that every run is reproducible on any machine, unless
+``LORA_COMPOSER_DEVICE=cuda`` asks for ComfyUI's own device choice (GPU benchmarks and GPU test runs).
 """
 from __future__ import annotations
 
@@ -45,6 +48,14 @@ class ComfyEnv:
 _ENV: ComfyEnv | None = None
 
 
+def wanted_device() -> str:
+    """``cpu`` (default) or ``cuda``, from ``LORA_COMPOSER_DEVICE``."""
+    device = os.environ.get("LORA_COMPOSER_DEVICE", "cpu").strip().lower() or "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"LORA_COMPOSER_DEVICE must be 'cpu' or 'cuda', not {device!r}")
+    return device
+
+
 def locate_comfyui() -> Path:
     given = os.environ.get("COMFYUI_PATH")
     if given:
@@ -65,7 +76,8 @@ def is_complete(root: Path) -> bool:
 
 
 def start(models_dir: Path | None = None, quiet: bool = True) -> ComfyEnv:
-    """Import ComfyUI (CPU), point its model folders at a temporary directory, load the pack.
+    """Import ComfyUI (on the CPU unless ``LORA_COMPOSER_DEVICE=cuda``), point its model folders at a temporary
+    directory, load the pack.
 
     Idempotent: the second call returns the first environment (ComfyUI is process-global).
     """
@@ -84,7 +96,7 @@ def start(models_dir: Path | None = None, quiet: bool = True) -> ComfyEnv:
 
     from comfy.cli_args import args  # noqa: E402  (must precede comfy.model_management)
 
-    args.cpu = True
+    args.cpu = wanted_device() == "cpu"
     import comfy.model_management  # noqa: F401
     import folder_paths
     import nodes

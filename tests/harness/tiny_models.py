@@ -39,7 +39,8 @@ def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | None = None):
+def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | None = None,
+               dtype: torch.dtype = torch.float32):
     """A ModelPatcher over a tiny ``BaseModel`` of the given family (``sd15`` or ``sdxl``)."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -47,9 +48,9 @@ def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | Non
 
     config = dict(SD15_TINY if family == "sd15" else SDXL_TINY)
     config.update(config_overrides or {})
-    config["dtype"] = torch.float32
+    config["dtype"] = dtype
     model_config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(config)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
@@ -86,7 +87,8 @@ def build_sdxl_clip(seed: int = 2):
 
 
 def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """A CPU copy of every weight: comparable whether the module was loaded onto a GPU in between or not."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def patched_weights(patcher) -> dict[str, torch.Tensor]:
@@ -102,3 +104,23 @@ def patched_weights(patcher) -> dict[str, torch.Tensor]:
         return weights_snapshot(patcher.model)
     finally:
         mm.unload_all_models()
+
+
+
+def emulate_gpu_loads(monkeypatch) -> None:
+    """Make ComfyUI's real ``load_models_gpu`` also do what a load onto a GPU does to the weights on a CPU-only
+    machine: ``Module._apply`` replaces every ``param.data`` with the moved copy (here: a copy), in whatever
+    autograd mode the caller loads under. Made with autograd on, such a move leaves weights created under
+    inference mode without a version counter and unusable (the CUDA failure this guards against).
+    """
+    import comfy.model_management as mm
+
+    real = mm.load_models_gpu
+
+    def load_and_move(models, *args, **kwargs):
+        out = real(models, *args, **kwargs)
+        for patcher in models:
+            patcher.model._apply(lambda t: t.clone())
+        return out
+
+    monkeypatch.setattr(mm, "load_models_gpu", load_and_move)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from harness import hypernet_synthetic as hs
 from harness.node_calls import call_node
-from harness.tiny_models import build_sd15_clip, build_unet, patched_weights
+from harness.tiny_models import build_sd15_clip, build_unet, emulate_gpu_loads, patched_weights
 
 CURVE = [(t, 0.8 * math.sin(2.5 * t)) for t in torch.linspace(-1, 1, 16).tolist()]
 HELD_OUT = (2, 6, 9, 13)
@@ -207,9 +207,12 @@ def test_interrupt_keeps_a_checkpoint(hn, world, trained):
     assert hypernet.training["step"] == 2 and len(hypernet.training["losses"]["total"]) == 2
 
 
-def test_diffusion_path_equals_comfy_patching_and_carries_gradients(hn, world):
+@pytest.mark.parametrize("gpu_moves", [False, True], ids=["cpu-load", "emulated-gpu-load"])
+def test_diffusion_path_equals_comfy_patching_and_carries_gradients(hn, world, gpu_moves, monkeypatch):
     with torch.inference_mode():  # how ComfyUI's executor creates models: parameters are inference tensors
         model = build_unet("sd15", seed=7)
+    if gpu_moves:  # loads move the weights, as on a GPU (regression: a move with autograd on broke them)
+        emulate_gpu_loads(monkeypatch)
     spec = hn.lidb.lidb_spec_for_model(model, down_dim=8, up_dim=4)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.enable_grad():
@@ -225,8 +228,8 @@ def test_diffusion_path_equals_comfy_patching_and_carries_gradients(hn, world):
     entry = hn.lidb.lora_entry_from_factors("ref", factors, strength_model=-1.0)
     patched, _, _ = call_node("LoraSetApply", model=model,
                               lora_set=hn.gen.LoraSet((entry,)))
-    mm.load_models_gpu([patched], force_full_load=True)
-    with torch.no_grad():
+    with torch.inference_mode():  # core's patching and forward, as ComfyUI's executor runs them
+        mm.load_models_gpu([patched], force_full_load=True)
         reference = patched.model.apply_model(x, sigma, c_crossattn=torch.zeros(1, 77, 64))
     assert torch.allclose(ours.detach(), reference, rtol=1e-5, atol=1e-5)
 

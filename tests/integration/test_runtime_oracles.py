@@ -155,9 +155,30 @@ def test_merged_swap_is_bit_exact_and_restores_parameters(env, model):
 
 @pytest.mark.parametrize("cached_sets", [0, 1])
 def test_in_place_swaps_stay_bit_exact(env, model, cached_sets):
-    """Back-to-back switches reuse the previous patched copy in place (the fast path for plain LoRA,
-    fp32): every activation must still equal core's static patching bit for bit, in any order, with
-    and without the weight-set cache, and mixing fast-path (lora, locon) with general-path (tucker, dora) entries."""
+    """Back-to-back switches reuse the previous patched copy in place (the fast path for plain LoRA):
+    every activation must still equal core's static patching bit for bit, in any order, with and without
+    the weight-set cache, and mixing fast-path (lora, locon) with general-path (tucker, dora) entries."""
+    _assert_in_place_swaps_bit_exact(env, model, cached_sets)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("weights, compute", [("fp32", "fp16"), ("fp16", None), ("bf16", None), ("bf16", "fp16")])
+def test_in_place_swaps_bit_exact_in_other_dtypes(env, weights, compute, monkeypatch):
+    """The fast path also covers half-precision weights and ComfyUI 0.9.2's fp16 LoRA compute dtype (what
+    its ``lora_compute_dtype`` picks on fp16-capable GPUs; on an H100 every swap used to fall back to
+    ``calculate_weight`` because of it): still bit-identical to core's static patching with the same settings."""
+    import comfy.model_management as mm
+    if compute is not None:
+        if not hasattr(mm, "LORA_COMPUTE_DTYPES"):
+            pytest.skip("this ComfyUI computes LoRA patches in fp32 only (no lora_compute_dtype)")
+        monkeypatch.setitem(mm.LORA_COMPUTE_DTYPES, torch.device("cpu"), DTYPES[compute])
+    model = build_unet("sd15", seed=81, dtype=DTYPES[weights])
+    _assert_in_place_swaps_bit_exact(env, model, cached_sets=0)
+
+
+def _assert_in_place_swaps_bit_exact(env, model, cached_sets):
     import comfy.model_management as mm
     _formats(env, model)
     patching = env.engine("nodes.patching")

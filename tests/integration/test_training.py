@@ -15,7 +15,7 @@ from safetensors import safe_open
 from harness import lora_factory as lf
 from harness.node_calls import call_node
 from harness.tiny_models import (SDXL_SAMPLING_OVERRIDES, build_sd15_clip, build_sdxl_clip, build_unet,
-                                 patched_weights, weights_snapshot)
+                                 emulate_gpu_loads, patched_weights, weights_snapshot)
 from harness.training import (CLASS_PROMPT, PROMPT, assert_untouched, config, core_lora, denoising_error, inputs,
                               predictions, save, synthetic_latents)
 
@@ -72,6 +72,30 @@ def test_node_trains_and_leaves_the_model_untouched(env, eng, sd15):
     (entry,) = lora_set.entries
     assert entry.strength_model == 1.0 and entry.metadata()["ss_network_module"] == "networks.lora"
     assert '"steps_done": 2' in entry.metadata()["lora_composer_training"]
+
+
+def test_trains_when_loading_moves_the_weights(env, eng, monkeypatch):
+    """Regression (first seen on CUDA): loading onto a GPU moves the weights; done with autograd on, the move
+    left weights made under inference mode without a version counter and every forward failed. The session
+    loads under inference mode, as ComfyUI does; the model still works for plain sampling afterwards."""
+    with torch.inference_mode():
+        model, clip = build_unet("sd15", seed=5), build_sd15_clip(seed=6)
+    before = weights_snapshot(model.model)
+    emulate_gpu_loads(monkeypatch)
+    with torch.inference_mode():
+        lora_set, _curve, _report = call_node(
+            "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
+            parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
+            batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
+            training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix="training/moved",
+            latents={"samples": synthetic_latents()})
+    assert_untouched(model, before)
+    (entry,) = lora_set.entries
+    assert entry.tensors(), "a LoRA was trained"
+    with torch.inference_mode():  # the base model still samples (a broken weight fails every op)
+        out = model.model.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]),
+                                      c_crossattn=torch.zeros(1, 77, 64))
+    assert torch.isfinite(out).all()
 
 
 def test_runs_in_a_comfyui_graph_images_through_a_vae(env):
