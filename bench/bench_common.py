@@ -167,31 +167,41 @@ def steady_repeats(args, t_start: float, configs_left: int, run_seconds: float) 
 
 
 
-def time_steady(methods, configs, args, t_start: float, prepare):
+class RunLog:
+    """What the timing loops record: per config its timed runs, its peak CUDA memory, its warm-up output."""
+
+    def __init__(self):
+        self.times: dict = {}
+        self.cuda_peaks: dict = {}
+        self.warm_outputs: dict = {}
+
+    def add(self, cfg, warm_up: bool, seconds, out, peak: int | None) -> None:
+        if peak is not None:
+            self.cuda_peaks[cfg] = max(self.cuda_peaks.get(cfg, 0), peak)
+        if warm_up:
+            self.warm_outputs[cfg] = out
+        else:
+            self.times.setdefault(cfg, []).append(seconds)
+
+
+def time_steady(methods, configs, args, t_start: float, prepare) -> RunLog:
     """``--timing steady``: each config built once (``prepare(cfg)`` → sampling call, untimed), then sampled
-    warm-up + repeats times in a row through ``methods.timed``. Returns (times, CUDA peaks, warm-up outputs)."""
+    warm-up + repeats times in a row through ``methods.timed``."""
     import statistics
     import time
 
     def wall(t):  # bench_switch records (wall, CPU) pairs, bench_composite wall seconds
         return t[0] if isinstance(t, tuple) else t
 
-    times: dict = {}
-    cuda_peaks: dict = {}
-    warm_outputs: dict = {}
+    log = RunLog()
     run_seconds = 0.0
     for i, cfg in enumerate(configs):
         sample = prepare(cfg)
         repeats = steady_repeats(args, t_start, len(configs) - i, run_seconds)
         for rnd in range(repeats + 1):
             seconds, out = methods.timed(sample)
-            if methods.last_peak is not None:
-                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
-        run_seconds = statistics.mean(statistics.mean(wall(t) for t in v) for v in times.values())  # so far
+            log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
+        run_seconds = statistics.mean(statistics.mean(wall(t) for t in v) for v in log.times.values())  # so far
     print(f"all methods timed ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-    args.repeats = min(len(v) for v in times.values())
-    return times, cuda_peaks, warm_outputs
+    args.repeats = min(len(v) for v in log.times.values())
+    return log

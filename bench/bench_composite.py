@@ -88,7 +88,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, TARGET_MARKERS, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
+    SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
     device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss, runs_described, select_device,
     time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
@@ -417,30 +417,23 @@ class Methods:
 
 def time_fresh(methods: Methods, configs, args, t_start: float):
     """Rounds of every method (build + sample each time), order reversed every other round; round 0 is the
-    warm-up. (times, CUDA peaks)."""
-    times: dict[tuple, list[float]] = {}
-    cuda_peaks: dict[tuple, int] = {}
-    warm_outputs: dict[tuple, object] = {}
+    warm-up."""
+    log = RunLog()
     rounds = 0 if args.memory_only else args.repeats
     for rnd in range(rounds + 1):  # round 0 is the warm-up
         t_round = time.perf_counter()
         order = configs if rnd % 2 == 0 else configs[::-1]
         for cfg in order:
             seconds, out = methods.timed(methods.run, *cfg)
-            if methods.last_peak is not None:
-                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
+            log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
         if rnd == 0:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(warm_outputs, args.ks)
+            check_outputs(log.warm_outputs, args.ks)
         else:
             print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
         if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
             break
-    return times, cuda_peaks
+    return log
 
 
 def time_one_forward(model, methods: Methods, rows: int = 2) -> float:
@@ -825,11 +818,11 @@ def main() -> None:
 
     freeze_gc()
     if args.timing == "steady" and not args.memory_only:
-        times, cuda_peaks, warm_outputs = time_steady(methods, configs, args, t_start,
-                                                      lambda cfg: methods.prepare(*cfg))
-        check_outputs(warm_outputs, args.ks)
+        log = time_steady(methods, configs, args, t_start, lambda cfg: methods.prepare(*cfg))
+        check_outputs(log.warm_outputs, args.ks)
     else:
-        times, cuda_peaks = time_fresh(methods, configs, args, t_start)
+        log = time_fresh(methods, configs, args, t_start)
+    times, cuda_peaks = log.times, log.cuda_peaks
     methods.mm.unload_all_models()
 
     memory = {} if args.no_memory else measure_memory(args, models_dir)

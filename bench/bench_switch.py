@@ -76,7 +76,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, TARGET_MARKERS, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
+    SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
     device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss,
     runs_described, select_device, time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
@@ -375,10 +375,8 @@ class Methods:
 
 
 def time_fresh(methods: Methods, configs, args, t_start: float, unmerged_ranks):
-    """Rounds of every method (build + sample each time); round 0 is the warm-up. (times, CUDA peaks)."""
-    times: dict[tuple, list[tuple[float, float]]] = {}
-    cuda_peaks: dict[tuple, int] = {}
-    warm_outputs: dict[tuple, object] = {}
+    """Rounds of every method (build + sample each time); round 0 is the warm-up."""
+    log = RunLog()
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
         t_round = time.perf_counter()
         for cfg in configs:
@@ -387,20 +385,15 @@ def time_fresh(methods: Methods, configs, args, t_start: float, unmerged_ranks):
                 seconds, out = methods.timed(methods.run, what, rank)
             else:
                 seconds, out = methods.timed(methods.run_one_entry, what, rank)
-            if methods.last_peak is not None:
-                cuda_peaks[cfg] = max(cuda_peaks.get(cfg, 0), methods.last_peak)
-            if rnd == 0:
-                warm_outputs[cfg] = out
-            else:
-                times.setdefault(cfg, []).append(seconds)
+            log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
         if rnd == 0:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(warm_outputs, unmerged_ranks)
+            check_outputs(log.warm_outputs, unmerged_ranks)
         else:
             print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
         if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
             break
-    return times, cuda_peaks
+    return log
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -666,10 +659,11 @@ def main() -> None:
         def prepare(cfg):
             kind, what, rank = cfg
             return methods.prepare(what, rank) if kind == "main" else methods.prepare_one_entry(what, rank)
-        times, cuda_peaks, warm_outputs = time_steady(methods, configs, args, t_start, prepare)
-        check_outputs(warm_outputs, unmerged_ranks)
+        log = time_steady(methods, configs, args, t_start, prepare)
+        check_outputs(log.warm_outputs, unmerged_ranks)
     else:
-        times, cuda_peaks = time_fresh(methods, configs, args, t_start, unmerged_ranks)
+        log = time_fresh(methods, configs, args, t_start, unmerged_ranks)
+    times, cuda_peaks = log.times, log.cuda_peaks
     methods.mm.unload_all_models()
 
     memory = {} if args.no_memory or args.device == "cuda" else measure_memory(args, RANKS[0], models_dir)

@@ -54,17 +54,22 @@ def _quiet_progress():
 
 # ------------------------------------------------------------------------------------------ learning
 
+def _train_node(model, clip, prefix):
+    """The LoraTrain node as a graph calls it: standard LoRA on attention, rank 4, 2 steps of batch 2."""
+    return call_node(
+        "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
+        parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
+        batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
+        training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix=prefix,
+        latents={"samples": synthetic_latents()})
+
+
 def test_node_trains_and_leaves_the_model_untouched(env, eng, sd15):
     model, clip = sd15
     before = weights_snapshot(model.model)
     flags = {n: p.requires_grad for n, p in model.model.named_parameters()}
     with torch.inference_mode():  # ComfyUI's executor runs every node in inference mode
-        lora_set, curve, report = call_node(
-            "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
-            parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
-            batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
-            training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix="training/t1",
-            latents={"samples": synthetic_latents()})
+        lora_set, curve, report = _train_node(model, clip, "training/t1")
     assert_untouched(model, before, flags)
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.dtype == torch.float32
     assert float(curve.min()) < 0.5 < float(curve.max()), "the curve image is drawn"
@@ -83,12 +88,7 @@ def test_trains_when_loading_moves_the_weights(env, eng, monkeypatch):
     before = weights_snapshot(model.model)
     emulate_gpu_loads(monkeypatch)
     with torch.inference_mode():
-        lora_set, _curve, _report = call_node(
-            "LoraTrain", model=model, clip=clip, instance_prompt=PROMPT, identifier="sks",
-            parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2, learning_rate=1e-2,
-            batch_size=2, optimizer="AdamW", lambda_prior=0.0, seed=0, gradient_checkpointing=False,
-            training_dtype="auto", resolution=0, checkpoint_every=0, checkpoint_prefix="training/moved",
-            latents={"samples": synthetic_latents()})
+        lora_set, _curve, _report = _train_node(model, clip, "training/moved")
     assert_untouched(model, before)
     (entry,) = lora_set.entries
     assert entry.tensors(), "a LoRA was trained"
