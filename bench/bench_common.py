@@ -1,5 +1,6 @@
-"""What every benchmark script shares: the SD1.5-shaped UNet layout, the LoRA target layers, and the
-Linux counters the peak-memory children read.
+"""What every benchmark script shares: the SD1.5-shaped UNet layout, the LoRA target layers, the Linux
+counters the peak-memory children read, and the device / timing options of the sampling benchmarks
+(``--device``, ``--keep-loaded``, ``--timing``, ``--budget-s``) with the clocks and loops behind them.
 
 Each ``bench_*.py`` runs as a script, so its folder is first on ``sys.path`` and ``import bench_common`` works.
 """
@@ -54,10 +55,13 @@ def add_device_arguments(parser) -> None:
 
 
 def select_device(args) -> None:
-    """Before ComfyUI is imported: tell the harness which device to let ComfyUI use."""
+    """Before ComfyUI is imported: tell the harness which device to let ComfyUI use, and settle the options
+    that depend on it (peak RSS says nothing about GPU memory: on cuda the runs record CUDA peaks instead)."""
     import os
 
     os.environ["LORA_COMPOSER_DEVICE"] = args.device
+    if args.device == "cuda":
+        args.no_memory = True
     if getattr(args, "timing", "fresh") == "steady":
         if args.keep_loaded is False:
             raise SystemExit("--timing steady samples the same loaded model repeatedly: drop --no-keep-loaded")
@@ -80,11 +84,11 @@ def runs_described(args) -> str:
 
 
 def device_description(args) -> str:
+    """The device and whether the model stays loaded between runs, for the header line."""
     import torch
 
-    if args.device == "cuda":
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return "CPU"
+    device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if args.device == "cuda" else "CPU"
+    return f"{device}; model {'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}"
 
 
 class RunMeter:
@@ -141,7 +145,6 @@ def out_of_budget(args, t_start: float, round_seconds: float, done: int) -> bool
     return True
 
 
-
 def add_timing_argument(parser) -> None:
     parser.add_argument("--timing", choices=("fresh", "steady"), default="fresh",
                         help="fresh (default): every run builds its MODEL/GUIDER and samples, methods interleaved "
@@ -164,7 +167,6 @@ def steady_repeats(args, t_start: float, configs_left: int, run_seconds: float) 
     fit = max(1, fit)
     print(f"NOTE: --budget-s: {fit} timed repeat(s) for the remaining {configs_left} method(s)", flush=True)
     return fit
-
 
 
 class RunLog:

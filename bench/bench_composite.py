@@ -623,10 +623,8 @@ def parse_args():
     args.mem_k_given = args.mem_k is not None
     args.mem_k = args.mem_k or max(args.ks)
     select_device(args)
-    if args.device == "cuda":
-        args.no_memory = True  # RSS says nothing about GPU memory; the runs record their CUDA peaks instead
-        if args.memory_only:
-            p.error("--memory-only measures peak RSS in child processes: CPU only")
+    if args.device == "cuda" and args.memory_only:
+        p.error("--memory-only measures peak RSS in child processes: CPU only")
     return args
 
 
@@ -753,8 +751,8 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     return missed
 
 
-def print_cuda_peaks(args, peaks: dict) -> None:
-    """Peak CUDA memory per method (max over all rounds): absolute, above S, and in patched-copy units."""
+def print_cuda_peaks(configs, peaks: dict) -> None:
+    """Peak CUDA memory per method (max over all rounds): absolute and above S."""
     labels = {"S": S_LABEL, **COMPOSITE_METHODS, **AUTOLORA_METHODS}
     s = peaks[("S", 0)]
     print()
@@ -762,7 +760,7 @@ def print_cuda_peaks(args, peaks: dict) -> None:
           "model, max over all rounds), MiB:")
     widths = (31, 6, 10, 10)
     print(fmt_row(("method", "k", "peak", "- S"), widths))
-    for cfg in [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]:
+    for cfg in configs:
         m, k = cfg
         v = peaks[cfg]
         print(fmt_row((labels[m], k or "", f"{v / 2**20:.1f}", f"{(v - s) / 2**20:+.1f}"), widths))
@@ -785,8 +783,7 @@ def main() -> None:
     print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
-          f"{device_description(args)}; model "
-          f"{'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}")
+          f"{device_description(args)}")
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
@@ -855,7 +852,7 @@ def main() -> None:
               "activations of one batch)")
 
     if cuda_peaks:
-        print_cuda_peaks(args, cuda_peaks)
+        print_cuda_peaks(configs, cuda_peaks)
 
     print()
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
@@ -879,4 +876,3 @@ def _reset_peak_rss() -> bool:
 
 if __name__ == "__main__":
     main()
-

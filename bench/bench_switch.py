@@ -353,15 +353,17 @@ class Methods:
             return self.switch(names, "unmerged")
         raise ValueError(method)
 
-    def prepare_one_entry(self, strategy: str, rank: int):
-        return self.switch(lora_names(rank, 1), strategy)
+    def prepare_config(self, cfg):
+        """Build a timed configuration: ("main", method, rank) or ("one", strategy, rank) (one-entry set)."""
+        kind, what, rank = cfg
+        return self.prepare(what, rank) if kind == "main" else self.switch(lora_names(rank, 1), what)
 
     def run(self, method: str, rank: int):
         """One run of a main-table method: build it, then sample."""
         return self.prepare(method, rank)()
 
-    def run_one_entry(self, strategy: str, rank: int):
-        return self.prepare_one_entry(strategy, rank)()
+    def run_config(self, cfg):
+        return self.prepare_config(cfg)()
 
     def timed(self, fn, *a):
         """((wall seconds, process CPU seconds), output) of one run; its peak CUDA memory in ``last_peak``."""
@@ -380,11 +382,7 @@ def time_fresh(methods: Methods, configs, args, t_start: float, unmerged_ranks):
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
         t_round = time.perf_counter()
         for cfg in configs:
-            kind, what, rank = cfg
-            if kind == "main":
-                seconds, out = methods.timed(methods.run, what, rank)
-            else:
-                seconds, out = methods.timed(methods.run_one_entry, what, rank)
+            seconds, out = methods.timed(methods.run_config, cfg)
             log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
         if rnd == 0:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
@@ -620,8 +618,7 @@ def main() -> None:
     print(f"LoRA Switch benchmark — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
-          f"{device_description(args)}; model "
-          f"{'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}")
+          f"{device_description(args)}")
     model = build_model(args)
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
@@ -656,17 +653,14 @@ def main() -> None:
 
     freeze_gc()
     if args.timing == "steady":
-        def prepare(cfg):
-            kind, what, rank = cfg
-            return methods.prepare(what, rank) if kind == "main" else methods.prepare_one_entry(what, rank)
-        log = time_steady(methods, configs, args, t_start, prepare)
+        log = time_steady(methods, configs, args, t_start, methods.prepare_config)
         check_outputs(log.warm_outputs, unmerged_ranks)
     else:
         log = time_fresh(methods, configs, args, t_start, unmerged_ranks)
     times, cuda_peaks = log.times, log.cuda_peaks
     methods.mm.unload_all_models()
 
-    memory = {} if args.no_memory or args.device == "cuda" else measure_memory(args, RANKS[0], models_dir)
+    memory = {} if args.no_memory else measure_memory(args, RANKS[0], models_dir)
 
     print()
     print(f"Results: median of {args.repeats} timed runs (after 1 warm-up) per method, seconds per run "

@@ -40,13 +40,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
-from bench_common import SD15_LAYOUT, proc_status, reset_peak_rss as _reset_peak_rss  # noqa: E402
+from bench_common import SD15_LAYOUT, RunMeter, proc_status, reset_peak_rss as _reset_peak_rss  # noqa: E402
 from harness import comfy_env, tiny_models  # noqa: E402
 
 METHODS = ("core", "ours-all", "ours-attn")
@@ -107,23 +106,18 @@ class Bench:
         gc.collect()
         mm.unload_all_models()
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
             resettable = _reset_peak_rss()
             base = _proc_status("VmRSS")
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+        with RunMeter("cuda" if self.cuda else "cpu") as meter, torch.inference_mode():
             if method == "core":
                 out = self.core(steps)
             else:
                 out = self.ours(steps, "all linear+conv (like core)" if method == "ours-all" else "attention")
+        seconds = meter.wall
         if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated() - base
+            peak = meter.peak - base
         else:
             hwm = _proc_status("VmHWM")
             peak = hwm - base if (resettable and hwm is not None and base is not None) else None
@@ -249,4 +243,3 @@ def _proc_status(field: str) -> int | None:
 
 if __name__ == "__main__":
     main()
-

@@ -199,7 +199,7 @@ class TrainingSession:
         with torch.inference_mode():
             mm.load_models_gpu(self._patchers, memory_required=1e20, force_full_load=True)
         for patcher in self._patchers:
-            self._alias_inference_parameters(patcher.model)
+            self._alias_untracked_parameters(patcher.model)
         for patcher in self._patchers:
             for p in patcher.model.parameters():
                 self._grad_flags.append((p, p.requires_grad))
@@ -228,7 +228,7 @@ class TrainingSession:
                 if isinstance(tensor, torch.Tensor) and untracked_by_autograd(tensor) and not aliasable(tensor):
                     patcher.add_weight_wrapper(f"{name}.{attr}", _FRESH)
 
-    def _alias_inference_parameters(self, root: torch.nn.Module) -> None:
+    def _alias_untracked_parameters(self, root: torch.nn.Module) -> None:
         for module in root.modules():
             for attr, tensor in list(module._parameters.items()):
                 if tensor is not None and untracked_by_autograd(tensor) and aliasable(tensor):

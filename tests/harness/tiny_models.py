@@ -106,7 +106,6 @@ def patched_weights(patcher) -> dict[str, torch.Tensor]:
         mm.unload_all_models()
 
 
-
 def emulate_gpu_loads(monkeypatch) -> None:
     """Make ComfyUI's real ``load_models_gpu`` also do what a load onto a GPU does to the weights on a CPU-only
     machine: ``Module._apply`` replaces every ``param.data`` with the moved copy (here: a copy), in whatever
