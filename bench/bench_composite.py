@@ -531,7 +531,7 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
     ("    stochastic_rounding", "comfy/float.py", "stochastic_rounding"),
     ("  MergedSwapper.restore", "nodes/runtime/merged_swap.py", "restore"),
     ("  unmerged hooks: add_adapters (all layers)", "nodes/runtime/unmerged.py", "add_adapters"),
-    ("    lowrank_delta", "kernels/lowrank.py", "lowrank_delta"),
+    ("    add_routed_torch (low-rank kernels)", "kernels/lowrank_routed.py", "add_routed_torch"),
     ("  batching.expand_call", "nodes/runtime/batching.py", "expand_call"),
     ("  batching.fold", "nodes/runtime/batching.py", "fold"),
     ("  core hooks: patch_hooks", "comfy/model_patcher.py", "patch_hooks"),

@@ -20,7 +20,8 @@ once, in an order that rotates across rounds, each timing the mean of ``--inner`
 * ``overhead``: ``(F.linear(x, W) + lowrank_delta(auto)) / F.linear(x, W)``, the unmerged cost
   relative to the plain layer (a merged LoRA costs 1.00 per forward); ``out=``: the same with
   the delta accumulated into the layer output (``lowrank_delta(..., out=y)``: no delta tensor,
-  the add fused into the up GEMM);
+  the add fused into the up GEMM); ``routed``: the same through the runtime's path
+  (``kernels.lowrank_routed``: factors prepared once, rows grouped once per model call, no per-call checks);
 * ``1 + flops``: ``1 + 2·r·(in+out) / (2·in·out)``, the FLOP-count prediction of that ratio for
   one adapter per row (``grouped`` does exactly that much extra work, ``concat`` ``k`` times it).
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kernels import lowrank  # noqa: E402
+from kernels import lowrank, lowrank_routed  # noqa: E402
 
 N, T, IN, OUT = 4, 1024, 640, 640
 RANKS = (16, 64, 128)
@@ -88,6 +89,13 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         y = F.linear(x, weight)
         return lowrank.lowrank_delta(x, adapters, w, cache=cache, out=y)
 
+    prepared = lowrank_routed.PreparedLowRank(adapters, None, dtype, device)
+    segments = lowrank_routed.plan_rows(w, prepared.ranks, dtype, device)
+
+    def unmerged_routed():
+        y = F.linear(x, weight)
+        return lowrank_routed.add_routed_torch(prepared, x, y, segments)
+
     methods = {
         "reference": delta("reference"),
         "concat": delta("concat"),
@@ -95,6 +103,7 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         "base": lambda: F.linear(x, weight),
         "unmerged": unmerged,
         "unmerged_out": unmerged_out,
+        "unmerged_routed": unmerged_routed,
     }
     names = list(methods)
     with torch.inference_mode():
@@ -115,6 +124,7 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         "auto": lowrank.choose_strategy(adapters, w),
         "overhead": med["unmerged"] / med["base"],
         "overhead_out": med["unmerged_out"] / med["base"],
+        "overhead_routed": med["unmerged_routed"] / med["base"],
         "1+flops": 1.0 + (2 * r * (IN + OUT)) / (2 * IN * OUT),
     }
 
@@ -139,7 +149,7 @@ def main() -> None:
         f"medians of {args.runs} rounds x {args.inner} calls"
     )
     header = f"{'r':>4} {'k':>2}  {'concat/ref':>10} {'grouped/ref':>11} {'auto':>8}"
-    header += f"  {'overhead':>8} {'out=':>6} {'1+flops':>8}"
+    header += f"  {'overhead':>8} {'out=':>6} {'routed':>6} {'1+flops':>8}"
     print(header)
     for k in (1, 3):
         for r in RANKS:
@@ -147,7 +157,7 @@ def main() -> None:
             print(
                 f"{row['r']:>4} {row['k']:>2}  {row['concat/ref']:>10.2f}"
                 f" {row['grouped/ref']:>11.2f} {row['auto']:>8}  {row['overhead']:>8.3f}"
-                f" {row['overhead_out']:>6.3f} {row['1+flops']:>8.3f}"
+                f" {row['overhead_out']:>6.3f} {row['overhead_routed']:>6.3f} {row['1+flops']:>8.3f}"
             )
 
 

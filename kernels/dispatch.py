@@ -72,7 +72,7 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     # Imported here, not at module level: lowrank/dense import dispatch to register themselves.
-    from . import dense, lowrank  # noqa: F401
+    from . import dense, lowrank, lowrank_routed  # noqa: F401
 
     _BUILTINS_LOADED = True
 

@@ -68,10 +68,10 @@ def composite_lora_set(model_patcher, clip, lora_set: LoraSet, entry_weights: st
     lora_set, resolved, options = _resolve(model_patcher, clip, lora_set)
     weights = parse_entry_weights(entry_weights, len(lora_set))
     components = [(w, i) for i, w in enumerate(weights) if w != 0]
-    # merged (sequential) passes keep every LoRA's patched weights while they fit in memory ("fit"):
-    # the k swaps per model call are then pointer moves instead of k weight recomputations
+    # no weight set is cached: k patched copies of the weights is what the runtime exists to avoid (auto runs
+    # one batch with per-row adapters on a CPU; merged passes recompute the next LoRA's weights in place)
     runtime = AdapterRuntime(options, mixture=lambda step: components, strategy=strategy, label="composite",
-                             free_memory=free_memory, cached_sets="fit")
+                             free_memory=free_memory)
     return runtime.attach(model_patcher), patched_clip(clip, resolved), runtime, report_lines(resolved)
 
 

@@ -291,7 +291,6 @@ class _Trainer:
         batch = min(self.settings.batch_size, n)
         pbar = comfy.utils.ProgressBar(steps)
         preview_every = max(1, steps // PREVIEWS)
-        first = self.step
         self.network.train()
         for k in range(steps):
             try:

@@ -16,7 +16,6 @@ wrappers compose with ours and the input MODEL is never modified.
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,7 +29,6 @@ from .merged_swap import MergedSwapper
 from .step_tracker import StepTracker, probe_steps
 from .unmerged import Routing, UnmergedAdapters
 
-log = logging.getLogger("LoRA Composer")
 
 STRATEGIES = ("auto", "merged", "unmerged")
 _ids = itertools.count()
@@ -46,6 +44,7 @@ class RunState:
     hooks: UnmergedAdapters | None = None
     routing: Routing = field(default_factory=Routing)
     step: int = 0
+    reverse: bool = False  # merged mixtures alternate their component order between calls (one swap fewer)
     steps_seen: list[int] = field(default_factory=list)
     forwards: int = 0  # network evaluations (APPLY_MODEL executions), for diagnostics
 
@@ -54,13 +53,14 @@ class AdapterRuntime:
     """Options (LoRAs as ComfyUI patch lists) plus a policy saying which act at each model call.
 
     ``select(step) → option`` (Switch) or ``mixture(step) → [(coefficient, option), …]``.
-    ``cached_sets``: weight sets the merged strategy keeps (an int, or ``"fit"``: one per option while
-    they fit in half of ``free_memory``); see ``MergedSwapper``.
+    ``cached_sets``: weight sets the merged strategy keeps, each a patched copy of the LoRA'd layers (see
+    ``MergedSwapper``); AutoLoRA keeps its one LoRA set, Composite none (k copies of the weights is what the
+    runtime exists to avoid).
     """
 
     def __init__(self, options: list[dict[str, list[tuple]]], *, select: Callable[[int], object] | None = None,
                  mixture: Callable[[int], Mixture] | None = None, strategy: str = "auto", label: str = "runtime",
-                 cached_sets: "int | str" = 0, free_memory: Callable[[torch.device], float] | None = None):
+                 cached_sets: int = 0, free_memory: Callable[[torch.device], float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         self.options = options
@@ -86,23 +86,15 @@ class AdapterRuntime:
     def chosen_strategy(self, device: torch.device) -> str:
         if self.strategy != "auto":
             return self.strategy
-        # Measured (bench/bench_switch.py, bench/bench_composite.py; README "Benchmarks"): one LoRA at a time
-        # (Switch) is cheapest baked in everywhere. Mixtures of LoRAs (Composite) too: on a CPU k merged passes
-        # cost about one k-times batch minus the unmerged low-rank FLOPs, and on an H100 (SD1.5-sized UNet, 512
-        # px, fp32) two rows already fill the GPU, so k merged passes beat one k-times batch (0.88 s vs 1.63 s
-        # at k = 2). A mixture with a base branch (AutoLoRA) runs adapters on half the rows only: one batch of
-        # 2× rows beat two merged passes on the CPU (2.01× vs 2.13× plain LoRA sampling), not on the H100
-        # (1.27 s vs 0.90 s).
-        if self.mixture is None:
+        # Measured (bench/bench_switch.py, bench/bench_composite.py; README "Benchmarks"). One network evaluation
+        # per model call (Switch; Composite of one LoRA; AutoLoRA at γ = 0 or 1) is cheapest baked in, and exact.
+        # Mixtures on a CPU: one batch with per-row adapters costs the low-rank FLOPs on top of k rows, and holds no
+        # weight copy, where k merged passes per call pay a weight recomputation per swap. On an H100 (SD1.5-sized
+        # UNet, 512 px, fp32) two rows already fill the GPU, so k merged passes beat one k-times batch (0.88 s vs
+        # 1.63 s for Composite at k = 2, 0.90 s vs 1.27 s for AutoLoRA).
+        if self.mixture is None or len(self.mixture(0)) == 1:
             return "merged"
-        if device.type == "cpu" and self.mixture_has_base_branch():
-            return "unmerged"
-        return "merged"
-
-    def mixture_has_base_branch(self) -> bool:
-        """Whether the mixture blends the base model (option None) with LoRAs (AutoLoRA at 0 < γ ≠ 1)."""
-        options = [option for _, option in self.mixture(0)]
-        return None in options and any(option is not None for option in options)
+        return "unmerged" if device.type == "cpu" else "merged"
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
@@ -112,8 +104,7 @@ class AdapterRuntime:
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
         if self.chosen_strategy(noise.device) == "merged":
-            run.swapper = MergedSwapper(base_model, self.options, cached_sets=0)
-            run.swapper.cached_sets = self.sets_to_cache(run.swapper, noise.device)
+            run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)
             run.hooks.install(base_model, noise.device)
@@ -128,27 +119,6 @@ class AdapterRuntime:
             self.history.append(run.steps_seen)
             self.forwards.append(run.forwards)
             self.run = None
-
-    def sets_to_cache(self, swapper: MergedSwapper, device: torch.device) -> int:
-        """``cached_sets`` as given, or for ``"fit"``: on the CPU one per option while they fit in half the free
-        memory, on a GPU none.
-
-        A mixture evaluates every option at every model call; with each option's weights cached a swap
-        is a pointer move (ComfyUI core's hook-group guider keeps the same copies), without it every
-        call recomputes k patched weight sets.
-        """
-        if self.cached_sets != "fit":
-            return int(self.cached_sets)
-        if device.type != "cpu":
-            # On a GPU recomputing a set (copy + low-rank product per layer) takes about a millisecond per GiB,
-            # while each cached set would hold a patched copy of the LoRA'd layers in scarce device memory.
-            return 0
-        per_set = max(swapper.set_bytes(), 1)
-        fit = int(0.5 * self.free_memory(device) // per_set)
-        if fit < len(self.options):
-            log.info("[LoRA Composer] %s: caching %d of %d LoRA weight sets (%.0f MiB each; memory is short), "
-                     "the rest are recomputed when used", self.key, max(fit, 0), len(self.options), per_set / 2**20)
-        return max(0, min(len(self.options), fit))
 
     def activate(self, option) -> None:
         """Make ``option`` act on every row of the following network evaluations (inside a run)."""
@@ -188,11 +158,23 @@ class AdapterRuntime:
         return self._batched(run, components, executor, args, kwargs)
 
     def _sequential(self, run, components, executor, args, kwargs):
-        acc = None
-        for coefficient, option in components:
-            self.activate(option)
-            out = executor(*args, **kwargs)
+        """One network evaluation per component, weights swapped in between.
+
+        Every other call visits the components backwards, so the weights active at the end of one call serve the
+        first evaluation of the next: k − 1 swaps per call instead of k. The terms are summed in the components'
+        order either way, so the result does not depend on the visiting order.
+        """
+        order = range(len(components))
+        if run.reverse:
+            order = reversed(order)
+        run.reverse = not run.reverse
+        outs = [None] * len(components)
+        for i in order:
+            self.activate(components[i][1])
+            outs[i] = executor(*args, **kwargs)
             run.forwards += 1
+        acc = None
+        for (coefficient, _), out in zip(components, outs):
             term = out if coefficient == 1.0 else out * coefficient
             acc = term if acc is None else acc + term
         return acc

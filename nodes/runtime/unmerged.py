@@ -3,6 +3,10 @@
 ``out[n] += Σ_a w[n, a] · ΔLayer_a(x[n])``. The routing weights ``w`` ([rows, options]) are set by
 the policy before each model call (``Routing.set``); the hooks exist only while a sampling run is
 in progress (installed and removed by the binding, in a ``finally``), so nothing leaks.
+
+A forward pass runs a couple of hundred hooks, so each does only arithmetic: the low-rank factors are
+prepared once per run (``kernels.lowrank_routed.PreparedLowRank``) and the rows grouped once per model
+call and column set (``Routing.segments``); the kernel backend is chosen once, at install.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import comfy.utils
 import torch
 
 from ...kernels import dense as dense_kernels
-from ...kernels import lowrank
+from ...kernels import dispatch, lowrank_routed
 from .layers import LayerPlan
 
 
@@ -22,19 +26,33 @@ class Routing:
 
     weights: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
+    _segments: dict = field(default_factory=dict)
 
     def set(self, weights: torch.Tensor | None) -> None:
         self.weights = weights
         self._cache.clear()
+        self._segments.clear()
 
-    def for_rows(self, rows: int, columns: list[int]) -> torch.Tensor | None:
+    def segments(self, rows: int, columns: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> tuple[lowrank_routed.RowSegment, ...]:
+        """The rows grouped by weight vector for a layer with these columns and adapter ranks (cached until the
+        next ``set``; layers of one model call mostly share one key). Empty when no row uses these columns."""
+        key = (rows, columns, ranks, dtype, device)
+        hit = self._segments.get(key)
+        if hit is None:
+            w = self.for_rows(rows, columns)
+            hit = () if w is None else lowrank_routed.plan_rows(w, ranks, dtype, device)
+            self._segments[key] = hit
+        return hit
+
+    def for_rows(self, rows: int, columns: "list[int] | tuple[int, ...]") -> torch.Tensor | None:
         """[rows, len(columns)] float32 weights on the CPU (the kernels read them on the host)."""
         if self.weights is None:
             return None
         key = (rows, tuple(columns))
         hit = self._cache.get(key)
         if hit is None:
-            w = self.weights[:, columns]
+            w = self.weights[:, list(columns)]
             if w.shape[0] == 1 and rows != 1:
                 w = w.expand(rows, -1)
             elif w.shape[0] != rows:
@@ -53,9 +71,12 @@ class UnmergedAdapters:
         self.routing = routing
         self.handles: list = []
         self._device_plans: list[LayerPlan] = []
+        self._add_routed = lowrank_routed.add_routed
 
     def _hook(self, plan: LayerPlan):
-        caches: dict = {}  # (dtype, device) → factors cast and rank-stacked once per run
+        prepared: dict = {}  # (dtype, device) → factors cast, scaled and rank-stacked once per run
+        ranks = tuple(a.rank for a in plan.lowrank)
+        columns = tuple(plan.lowrank_columns)
 
         def add_adapters(module, inputs, output):
             x = inputs[0]
@@ -63,16 +84,17 @@ class UnmergedAdapters:
             in_place = output.dtype == x.dtype and not output.requires_grad
             target = output if in_place else output.float()
             if plan.lowrank:
-                w = self.routing.for_rows(rows, plan.lowrank_columns)
-                if w is not None and bool(w.any()):
+                segments = self.routing.segments(rows, columns, ranks, x.dtype, x.device)
+                if segments:
                     key = (x.dtype, x.device)
-                    cache = caches.get(key)
-                    if cache is None:
-                        cache = caches[key] = lowrank.build_concat_cache(plan.lowrank, x.dtype, x.device)
+                    factors = prepared.get(key)
+                    if factors is None:
+                        factors = prepared[key] = lowrank_routed.PreparedLowRank(plan.lowrank, plan.conv, *key)
                     if in_place:
-                        lowrank.lowrank_delta(x, plan.lowrank, w, conv=plan.conv, cache=cache, out=target)
+                        self._add_routed(factors, x, target, segments)
                     else:
-                        target += lowrank.lowrank_delta(x, plan.lowrank, w, conv=plan.conv, cache=cache).float()
+                        delta = torch.zeros(output.shape, dtype=x.dtype, device=x.device)
+                        target += self._add_routed(factors, x, delta, segments).float()
             if plan.dense:
                 w = self.routing.for_rows(rows, plan.dense_columns)
                 if w is not None and bool(w.any()):
@@ -90,6 +112,7 @@ class UnmergedAdapters:
 
     def install(self, base_model: torch.nn.Module, device) -> None:
         self.remove()
+        _, self._add_routed = dispatch.select("lowrank_routed", device)
         self._device_plans = [p.to(device) for p in self.plans]
         seen: dict[str, LayerPlan] = {}
         for plan in self._device_plans:

@@ -155,29 +155,34 @@ def test_composite_batched_equals_sequential_and_splits_to_fit(env, setup):
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
 
 
-def test_composite_merged_caches_sets_that_fit_and_recomputes_the_rest(env, setup):
-    """Merged Composite keeps each LoRA's patched weights while half the free memory holds them; with
-    less memory it caches fewer and recomputes the others on every call — same result, bit for bit."""
-    import comfy.model_management as mm
+def test_composite_merged_keeps_no_weight_copies_and_alternates_its_order(env, setup):
+    """Merged Composite holds one patched copy (like one static LoRA), not one per LoRA, recomputing the next
+    LoRA's weights in place; every other call visits the LoRAs backwards (k − 1 swaps per call, not k) and still
+    sums in set order, so the result equals the forward-only order bit for bit."""
     model, names, pos, neg = setup
     composition = env.engine("nodes.composition")
+    swap = env.engine("nodes.runtime.merged_swap")
     s = lora_set(names, [1.0, 0.5, 0.9])
-    results, cached = [], []
-    for free in (None, 2.5, 0.0):  # real free memory (all 3 fit), room for 1 set, none
-        per_set = None
+    m, _, runtime, _ = composition.composite_lora_set(model, None, s, strategy="merged")
+    activations, caches = [], []
+    plain_activate = swap.MergedSwapper.activate
 
-        def free_memory(device, free=free):
-            return float(mm.get_free_memory(device)) if free is None else free * per_set * 2
+    def spy(self, option):
+        caches.append(len(self._cache))
+        changed = plain_activate(self, option)
+        activations.append(changed)
+        return changed
 
-        m, _, runtime, _ = composition.composite_lora_set(model, None, s, strategy="merged", free_memory=free_memory)
-        swap = env.engine("nodes.runtime.merged_swap")
-        probe = swap.MergedSwapper(model.model, runtime.options)
-        per_set = probe.set_bytes()
-        plain_sets_to_cache = runtime.sets_to_cache
-        runtime.sets_to_cache = lambda swapper, device: cached.append(plain_sets_to_cache(swapper, device)) or cached[-1]
-        results.append(sample_model(m, pos, neg, 4.0))
-    assert cached == [3, 2, 0]
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    swap.MergedSwapper.activate = spy
+    try:
+        got = sample_model(m, pos, neg, 4.0)
+    finally:
+        swap.MergedSwapper.activate = plain_activate
+    assert runtime.cached_sets == 0 and max(caches) == 0
+    calls = runtime.forwards[-1] // 3
+    assert sum(activations) == 3 + (calls - 1) * 2, "k swaps on the first call, k - 1 on each later one"
+    refs = [(baked(env, lora_set([n], [st])), 1 / 3) for n, st in zip(names, [1.0, 0.5, 0.9])]
+    assert close(got, sample_guider(reference_guider(model, refs, [4.0] * 3, pos, neg, 4.0)))
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
 
 
@@ -310,17 +315,19 @@ def test_interrupted_sampling_leaves_model_clean(env, setup, node):
 
 
 def test_auto_strategy_choice(env, setup):
-    """auto (as measured by the benchmarks): Composite merged on a CPU and on CUDA; AutoLoRA unmerged on a CPU
-    (one batch of base and LoRA rows) and merged on CUDA; γ = 0 or 1 merged and exact everywhere."""
+    """auto (as measured by the benchmarks): mixtures (Composite, AutoLoRA) run unmerged on a CPU (one batch with
+    per-row LoRAs, no weight copies) and merged on CUDA; one evaluation per call (Composite of one LoRA, AutoLoRA
+    at γ = 0 or 1) merged and exact everywhere."""
     model, names, pos, neg = setup
     composition = env.engine("nodes.composition")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     s = lora_set(names[:2])
     composite = composition.composite_lora_set(model, None, s)[2]
-    assert (composite.chosen_strategy(cpu), composite.chosen_strategy(cuda)) == ("merged", "merged")
+    assert (composite.chosen_strategy(cpu), composite.chosen_strategy(cuda)) == ("unmerged", "merged")
+    single = composition.composite_lora_set(model, None, lora_set(names[:1]))[2]
+    assert (single.chosen_strategy(cpu), single.chosen_strategy(cuda)) == ("merged", "merged")
     for gamma, expected in ((0.5, "unmerged"), (1.7, "unmerged"), (0.0, "merged"), (1.0, "merged")):
         runtime = composition.autolora_guidance(model, None, s, gamma)[2]
         assert runtime.chosen_strategy(cpu) == expected, gamma
         assert runtime.chosen_strategy(cuda) == "merged", gamma
-    # merged Composite caches LoRA weight sets on the CPU only; on a GPU a set is recomputed (cheap there)
-    assert composite.cached_sets == "fit" and composite.sets_to_cache(None, cuda) == 0
+    assert composite.cached_sets == 0, "Composite never keeps a weight copy per LoRA"

@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dense, dispatch, lowrank
+from kernels import dense, dispatch, lowrank, lowrank_routed
 from kernels.lowrank import ConvSpec, LowRankAdapter
+from kernels.lowrank_routed import PreparedLowRank, RowSegment, add_routed, plan_rows
 
 TOL = 1e-5
 N = 5
@@ -369,12 +370,84 @@ def test_dense_delta_all_zero_and_float64() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# lowrank_routed: prepared factors + row segments, against the same oracle
+# --------------------------------------------------------------------------------------------
+
+ROUTED_WEIGHT_KINDS = WEIGHT_KINDS + ("stacked_halves",)
+
+
+def _routed_weights(kind: str, k: int) -> torch.Tensor:
+    if kind == "stacked_halves":  # AutoLoRA: base rows (no adapter), then rows using every adapter at once
+        return torch.tensor([[0.0] * k, [0.0] * k, [1.0] * k, [1.0] * k, [1.0] * k])
+    return _weights(kind, k)
+
+
+@pytest.mark.parametrize(
+    ("layout", "k", "weights"),
+    [(layout, k, wk) for layout in LAYOUTS for k in (1, 3) for wk in ROUTED_WEIGHT_KINDS]
+    + [("conv_mixed", 3, wk) for wk in ROUTED_WEIGHT_KINDS],
+)
+def test_add_routed_matches_dense_oracle(layout: str, k: int, weights: str) -> None:
+    x, adapters, conv, weight = _problem(layout, k)
+    w = _routed_weights(weights, k)
+    base = _layer(x, weight, conv)
+    prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+    out = base.clone()
+    assert add_routed(prepared, x, out, plan_rows(w, prepared.ranks, x.dtype, x.device)) is out
+    delta = out - base
+    assert _rel(delta, _oracle(x, adapters, w, conv, weight)) < TOL
+    zero_rows = (w == 0).all(dim=1)
+    assert torch.equal(out[zero_rows], base[zero_rows])  # untouched, bit for bit
+
+
+def test_add_routed_float64_is_exact_to_1e12() -> None:
+    x, adapters, conv, weight = _problem("linear3d", 3)
+    x = x.double()
+    w = _routed_weights("mixed", 3)
+    prepared = PreparedLowRank(adapters, conv, torch.float64, x.device)
+    out = torch.zeros(N, 4, OUT, dtype=torch.float64)
+    add_routed(prepared, x, out, plan_rows(w, prepared.ranks, torch.float64, x.device))
+    assert _rel(out, _oracle(x, adapters, w, conv, weight)) < 1e-12
+
+
+def test_plan_rows_groups_rows_by_weight_vector() -> None:
+    ranks = (3, 5)
+    # rows 0-1 adapter 0 (a slice), rows 2 and 4 adapter 1 at 0.5 (scattered: indices), row 3 unused,
+    # rows 5-6 both adapters at 2 (stacked, one scalar), row 7 unequal weights (stacked, per-column)
+    w = torch.tensor([[1, 0], [1, 0], [0, .5], [0, 0], [0, .5], [2, 2], [2, 2], [1, -3]], dtype=torch.float32)
+    segs = plan_rows(w, ranks, torch.float32, "cpu")
+    assert [(s.adapter, s.weight) for s in segs] == [(0, 1.0), (1, 0.5), (None, 2.0), (None, 1.0)]
+    assert segs[0].rows == slice(0, 2) and segs[2].rows == slice(5, 7) and segs[3].rows == slice(7, 8)
+    assert torch.equal(segs[1].rows, torch.tensor([2, 4]))
+    assert segs[0].columns is None and segs[2].columns is None
+    assert torch.equal(segs[3].columns, torch.tensor([1.0] * 3 + [-3.0] * 5))
+    assert plan_rows(torch.zeros(3, 2), ranks, torch.float32, "cpu") == ()
+    (every,) = plan_rows(torch.ones(3, 2), ranks, torch.float32, "cpu")
+    assert every.rows is None and every.adapter is None and every.weight == 1.0  # all rows: no view at all
+
+
+def test_prepared_factors_fold_the_scale_and_share_storage() -> None:
+    _, adapters, conv, _ = _problem("linear2d", 3)
+    prepared = PreparedLowRank(adapters, conv, torch.float32, "cpu")
+    assert prepared.ranks == RANKS
+    for a, adapter in enumerate(adapters):
+        assert torch.allclose(prepared.ups[a], adapter.up * adapter.scale)
+        assert prepared.downs[a].data_ptr() != adapter.down.data_ptr() or a == 0
+    assert prepared.downs[1].untyped_storage().data_ptr() == prepared.down_cat.untyped_storage().data_ptr()
+    tucker = PreparedLowRank(_problem("conv_mixed", 3)[1], STRIDED, torch.float32, "cpu")
+    assert tucker.down_cat is None  # Tucker cannot be stacked: segments using several adapters run them in turn
+    with pytest.raises(ValueError, match="conv"):
+        PreparedLowRank(adapters, STRIDED, torch.float32, "cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("op", "fn"), [("lowrank_delta", "lowrank_delta_torch"), ("dense_delta", "dense_delta_torch")]
+    ("op", "fn"), [("lowrank_delta", "lowrank_delta_torch"), ("dense_delta", "dense_delta_torch"),
+                   ("lowrank_routed", "add_routed_torch")]
 )
 def test_dispatch_lists_and_selects_torch(op: str, fn: str) -> None:
     rows = dispatch.backends(op)
@@ -382,7 +455,7 @@ def test_dispatch_lists_and_selects_torch(op: str, fn: str) -> None:
     assert len(torch_rows) == 1
     name, priority, available, reason = torch_rows[0]
     assert available and reason and isinstance(priority, int)
-    module = lowrank if op == "lowrank_delta" else dense
+    module = {"lowrank_delta": lowrank, "dense_delta": dense, "lowrank_routed": lowrank_routed}[op]
     assert dispatch.select(op, torch.device("cpu")) == ("torch", getattr(module, fn))
     assert op in dispatch.ops()
 
