@@ -161,21 +161,15 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
             singles = [RowSegment(seg.rows, seg.weights, a, w) for a, w in enumerate(seg.weights) if w]
             add_routed_torch(prepared, x, out, singles)
             continue
-        if seg.rows is None:
-            h = _down(x, down, mid, conv)
-            if seg.columns is not None:
-                h = h * (seg.columns if conv is None else seg.columns.view(-1, 1, 1))
-            _accumulate(out, h, up, conv, seg.weight)
-        elif isinstance(seg.rows, slice):
-            h = _down(x[seg.rows], down, mid, conv)
-            if seg.columns is not None:
-                h = h * (seg.columns if conv is None else seg.columns.view(-1, 1, 1))
-            _accumulate(out[seg.rows], h, up, conv, seg.weight)  # a dim-0 slice of contiguous stays contiguous
-        else:
-            h = _down(x.index_select(0, seg.rows), down, mid, conv)
-            if seg.columns is not None:
-                h = h * (seg.columns if conv is None else seg.columns.view(-1, 1, 1))
+        scattered = isinstance(seg.rows, Tensor)
+        rows_in = x if seg.rows is None else x.index_select(0, seg.rows) if scattered else x[seg.rows]
+        h = _down(rows_in, down, mid, conv)
+        if seg.columns is not None:
+            h = h * (seg.columns if conv is None else seg.columns.view(-1, 1, 1))
+        if scattered:
             out.index_add_(0, seg.rows, _up(h, up, conv), alpha=seg.weight)
+        else:  # every row, or a dim-0 slice (a view that stays contiguous when out is)
+            _accumulate(out if seg.rows is None else out[seg.rows], h, up, conv, seg.weight)
     return out
 
 

@@ -56,7 +56,8 @@ class LoraSetComposite:
                    "ε̃ = Σ_i w_i [ε_i(∅) + s(ε_i(c) − ε_i(∅))], w_i = 1/k (paper) or 'entry_weights' normalised to "
                    "sum to 1. Implemented by averaging each branch inside the model call, which is exactly the "
                    "same because CFG is linear, so it works with any sampler and other model patches. Costs k "
-                   "network evaluations per model call. With cfg = 1 the conditional branch alone is averaged.")
+                   "network evaluations per model call; weight memory stays that of one static LoRA (no copy per "
+                   "LoRA). With cfg = 1 the conditional branch alone is averaged.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -68,10 +69,11 @@ class LoraSetComposite:
             "entry_weights": ("STRING", {"default": "", "tooltip": "Empty: uniform 1/k (paper). Otherwise one "
                                          "non-negative number per LoRA, e.g. '1, 1, 2'; normalised to sum 1."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
-                                            "tooltip": "merged: k sequential passes with the LoRA baked in "
-                                                       "(auto: measured faster on CPUs and on an H100). unmerged: "
-                                                       "one k-times batch with per-row LoRAs (split to fit free "
-                                                       "memory)."}),
+                                            "tooltip": "unmerged: one k-times batch with per-row LoRAs (split "
+                                                       "to fit free memory). merged: k sequential passes, each "
+                                                       "LoRA's weights recomputed in place. auto: unmerged on "
+                                                       "CPUs, merged on GPUs (as measured). Either holds no more "
+                                                       "weight memory than one static LoRA."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
