@@ -202,11 +202,6 @@ class MergedSwapper:
                 lists += [(p[0] * weight, *p[1:]) for p in entry_option.get(key, [])]
         return lists or None
 
-    def set_bytes(self) -> int:
-        """Bytes of one patched copy of every layer any option touches (what one cached set costs)."""
-        return sum(p.numel() * p.element_size()
-                   for p in (comfy.utils.get_attr(self.base_model, k) for k in self.keys))
-
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""
         for key, original in self.originals.items():

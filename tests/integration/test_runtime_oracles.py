@@ -64,7 +64,7 @@ def _static_output(patcher, x, t, ctx):
         mm.unload_all_models()
 
 
-def _routed_output(env, model, s, weights, x, t, ctx):
+def _routed_output(env, model, s, weights, x, t, ctx, grad=False):
     import comfy.model_management as mm
     layers = env.engine("nodes.runtime.layers")
     unmerged = env.engine("nodes.runtime.unmerged")
@@ -76,8 +76,8 @@ def _routed_output(env, model, s, weights, x, t, ctx):
     hooks.install(model.model, x.device)
     routing.set(weights)
     try:
-        with torch.no_grad():
-            return model.model.apply_model(x, t, c_crossattn=ctx).float()
+        with torch.enable_grad() if grad else torch.no_grad():
+            return model.model.apply_model(x, t, c_crossattn=ctx).float().detach()
     finally:
         hooks.remove()
 
@@ -96,6 +96,18 @@ def test_unmerged_equals_merged_per_format(env, model, fmt):
     unmerged = _routed_output(env, model, s, torch.ones(1, 1), x, t, ctx)
     assert not _close(merged, base, rel=50 * REL), "the LoRA must change the output well beyond the tolerance"
     assert _close(unmerged, merged), (unmerged - merged).abs().max().item()
+
+
+def test_unmerged_hooks_keep_autograd_outputs_intact(env, model):
+    """Outputs that carry autograd history are not modified in place: the hooks add a separate delta instead, and
+    the result equals the in-place (inference) path."""
+    _formats(env, model)
+    s = _set(["lora", "tucker"], [0.8, 1.1])
+    x, t, ctx = _inputs(3)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    plain = _routed_output(env, model, s, weights, x, t, ctx)
+    tracked = _routed_output(env, model, s, weights, x.clone().requires_grad_(True), t, ctx, grad=True)
+    assert _close(tracked, plain)
 
 
 def test_per_row_routing_equals_each_row_alone(env, model):
