@@ -506,14 +506,14 @@ def _up(h: Tensor, up: Tensor, conv: ConvSpec | None) -> Tensor:
     return F.linear(h, up) if conv is None else F.conv2d(h, up)
 
 
-def _up_into(h: Tensor, up: Tensor, conv: ConvSpec | None, out: Tensor) -> None:
-    """``out += up(h)``; linear into a contiguous ``out``: one ``addmm_`` (beta = 1), so the
+def _up_into(h: Tensor, up: Tensor, conv: ConvSpec | None, out: Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha · up(h)``; linear into a contiguous ``out``: one ``addmm_`` (beta = 1), so the
     delta is never materialised and the separate read-modify-write pass over ``out`` disappears.
     """
     if conv is None and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=alpha)
     else:
-        out.add_(_up(h, up, conv))
+        out.add_(_up(h, up, conv), alpha=alpha)
 
 
 def _rows(v: Tensor, like: Tensor, conv: ConvSpec | None) -> Tensor:
@@ -742,9 +742,9 @@ def _coefficients(w: Tensor, adapters: Sequence[LowRankAdapter], scales: Tensor,
     """``c[n, a] = w[n, a] · s_a`` on ``x``'s device in ``x``'s dtype.
 
     Formed in fp64 (an ``[N, k]`` tensor: free), so the only rounding is the one cast to the compute
-    dtype. Routing weights live on the host; moving them to a GPU from pageable memory would make the
-    host wait for the GPU at every hooked layer, so the product is formed on the host and uploaded from
-    pinned memory without a sync (same fp64 arithmetic, same values).
+    dtype. Row weights best live on the host (see :func:`lowrank_delta`); moving them to a GPU from
+    pageable memory would make the host wait for the GPU on every call, so the product is formed on the
+    host and uploaded from pinned memory without a sync (same fp64 arithmetic, same values).
     """
     if w.device.type == "cpu" and x.device.type == "cuda":
         host_scales = torch.tensor([a.scale for a in adapters], dtype=torch.float64)

@@ -38,6 +38,7 @@ from .lowrank import (
     _concat_valid,
     _down,
     _up,
+    _up_into,
 )
 
 __all__ = ["PreparedLowRank", "RowSegment", "add_routed", "add_routed_torch", "plan_rows"]
@@ -139,14 +140,6 @@ def plan_rows(row_weights: Tensor | Sequence, ranks: Sequence[int], dtype: torch
     return tuple(segments)
 
 
-def _accumulate(out: Tensor, h: Tensor, up: Tensor, conv: ConvSpec | None, weight: float) -> None:
-    """``out += weight · up(h)``; a contiguous linear output takes it in one ``addmm_``."""
-    if conv is None and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=weight)
-    else:
-        out.add_(_up(h, up, conv), alpha=weight)
-
-
 def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
                      segments: Sequence[RowSegment]) -> Tensor:
     """The ``"torch"`` backend of :func:`add_routed`."""
@@ -169,7 +162,7 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
         if scattered:
             out.index_add_(0, seg.rows, _up(h, up, conv), alpha=seg.weight)
         else:  # every row, or a dim-0 slice (a view that stays contiguous when out is)
-            _accumulate(out if seg.rows is None else out[seg.rows], h, up, conv, seg.weight)
+            _up_into(h, up, conv, out if seg.rows is None else out[seg.rows], seg.weight)
     return out
 
 
