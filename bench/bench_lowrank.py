@@ -25,6 +25,12 @@ once, in an order that rotates across rounds, each timing the mean of ``--inner`
 * ``1 + flops``: ``1 + 2·r·(in+out) / (2·in·out)``, the FLOP-count prediction of that ratio for
   one adapter per row (``grouped`` does exactly that much extra work, ``concat`` ``k`` times it).
 
+A second table takes LoRA Composite's layout (the ``N`` rows in ``k`` equal consecutive blocks, block
+``i`` using adapter ``i``; ``k`` = 2 and 4) through the runtime's path two ways: ``per block`` (one
+GEMM pair per block) and ``batched`` (the block segment: one ``bmm`` / ``baddbmm_`` pair for all
+blocks), each as ``(base + adapters) / base``. On a GPU the per-block form launches ``2k`` kernels
+per layer and the batched form 2.
+
 Defaults: CPU, fp32, ``torch.set_num_threads(2)``.
 """
 from __future__ import annotations
@@ -129,6 +135,41 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
     }
 
 
+def bench_blocks(r: int, k: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator("cpu").manual_seed(7000 * r + k)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    x = randn(N, T, IN)
+    weight = randn(OUT, IN, std=IN**-0.5)
+    adapters = [
+        lowrank.LowRankAdapter(randn(r, IN, std=IN**-0.5), randn(OUT, r, std=r**-0.5), scale=1.0)
+        for _ in range(k)
+    ]
+    prepared = lowrank_routed.PreparedLowRank(adapters, None, dtype, device)
+    w = torch.repeat_interleave(torch.eye(k), N // k, dim=0)
+    (block,) = lowrank_routed.plan_rows(w, prepared.ranks, dtype, device)
+    assert block.blocks, "Composite's layout must plan as one block segment"
+
+    def run(segments):
+        return lambda: lowrank_routed.add_routed_torch(prepared, x, F.linear(x, weight), segments)
+
+    methods = {"base": lambda: F.linear(x, weight), "per_block": run(block.blocks), "batched": run((block,))}
+    names = list(methods)
+    with torch.inference_mode():
+        torch.testing.assert_close(methods["per_block"](), methods["batched"](), rtol=1e-4, atol=1e-4)
+        for fn in methods.values():
+            for _ in range(2):
+                fn()
+        times: dict[str, list[float]] = {m: [] for m in names}
+        for rnd in range(args.runs):
+            for m in names[rnd % len(names):] + names[: rnd % len(names)]:
+                times[m].append(_time(methods[m], device, args.inner))
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {"r": r, "k": k, "per_block": med["per_block"] / med["base"], "batched": med["batched"] / med["base"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=7, help="timed rounds (median taken), >= 5")
@@ -159,6 +200,12 @@ def main() -> None:
                 f" {row['grouped/ref']:>11.2f} {row['auto']:>8}  {row['overhead']:>8.3f}"
                 f" {row['overhead_out']:>6.3f} {row['overhead_routed']:>6.3f} {row['1+flops']:>8.3f}"
             )
+    print(f"# Composite's layout: {N} rows in k equal blocks, block i -> adapter i; (base + adapters) / base")
+    print(f"{'r':>4} {'k':>2}  {'per block':>9} {'batched':>8}")
+    for k in (2, 4):
+        for r in RANKS:
+            row = bench_blocks(r, k, args, device, dtype)
+            print(f"{row['r']:>4} {row['k']:>2}  {row['per_block']:>9.3f} {row['batched']:>8.3f}")
 
 
 if __name__ == "__main__":

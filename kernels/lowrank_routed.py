@@ -14,6 +14,12 @@ module splits the work by how often it changes:
 * per layer and call — :func:`add_routed` (dispatch op ``"lowrank_routed"``, backend ``"torch"``):
   two GEMMs per segment accumulated into the layer's output, nothing else.
 
+A batch made of equal consecutive blocks of rows, block ``i`` using adapter ``a0 + i`` alone (LoRA
+Composite's layout: component-major rows), becomes one *block* segment: on a linear layer whose
+adapters share one rank it runs as one batched GEMM pair (``bmm`` / ``baddbmm_``) over all blocks, so
+the number of kernel launches per layer does not grow with the number of LoRAs (on a GPU each launch
+costs several microseconds, which on small layers outweighs the arithmetic).
+
 Per row ``n`` it adds ``Σ_a w[n, a] · s_a · B_a(A_a(x[n]))``, as ``lowrank_delta`` does. A segment
 whose rows use one adapter runs that adapter's factors only (routing: no FLOPs on other adapters'
 rank columns); rows using several adapters run the stacked factors, their weights applied to the rank
@@ -57,6 +63,9 @@ class PreparedLowRank:
     ``downs[a]`` / ``mids[a]`` / ``ups[a]`` are adapter ``a``'s factors with ``s_a`` folded into
     ``ups[a]`` (views into ``down_cat`` / ``up_cat`` when the adapters can be rank-stacked: plain,
     non-Tucker, one ``down`` shape). ``ranks[a]`` is ``r_a``; pass ``ranks`` to :func:`plan_rows`.
+    ``down_blocks`` (``[k, in, r]``) / ``up_blocks`` (``[k, r, out]``): the same factors as one batch
+    per adapter for block segments — views of the same storage, set for linear layers with two or more
+    stackable adapters of one rank, ``None`` otherwise.
     """
 
     def __init__(self, adapters: Sequence[LowRankAdapter], conv: ConvSpec | None,
@@ -73,16 +82,27 @@ class PreparedLowRank:
         self.mids = [None if a.mid is None else a.mid.to(device=device, dtype=dtype) for a in adapters]
         self.down_cat: Tensor | None = None
         self.up_cat: Tensor | None = None
+        self.down_blocks: Tensor | None = None
+        self.up_blocks: Tensor | None = None
         if len(adapters) == 1 and adapters[0].mid is None:
             self.down_cat, self.up_cat = downs[0], ups[0]
         elif _concat_valid(adapters):
             self.down_cat = torch.cat(downs, dim=0)
-            self.up_cat = torch.cat(ups, dim=1)
+            if conv is None:
+                # Linear ups are stored transposed ([Σr, out], row blocks contiguous) so that one adapter's up
+                # is also a contiguous [r, out] matrix of the batched form; every other use takes a view.
+                self.up_cat = torch.cat([u.t() for u in ups], dim=0).t()
+            else:
+                self.up_cat = torch.cat(ups, dim=1)
             bounds = [0]
             for r in self.ranks:
                 bounds.append(bounds[-1] + r)
             downs = [self.down_cat[b:e] for b, e in zip(bounds, bounds[1:])]  # views: no second copy
             ups = [self.up_cat[:, b:e] for b, e in zip(bounds, bounds[1:])]
+            if conv is None and len(set(self.ranks)) == 1:
+                k, r = len(adapters), self.ranks[0]
+                self.down_blocks = self.down_cat.view(k, r, -1).transpose(1, 2)
+                self.up_blocks = self.up_cat.t().view(k, r, -1)
         self.downs, self.ups = downs, ups
 
 
@@ -96,6 +116,9 @@ class RowSegment:
     ``weight``: the scalar weight of ``adapter``, or of every adapter when ``columns`` is ``None``.
     ``columns``: for stacked rows with unequal adapter weights, the weight of every rank column
     (``[Σ r_a]``, compute dtype and device); ``None`` otherwise.
+    ``blocks``: for a *block* segment (``rows`` ``None``, ``weights`` empty), the one-adapter segments of
+    its equal consecutive row blocks, block ``i`` using adapter ``blocks[0].adapter + i``; ``weight``
+    is then every block's weight, or 1 with the per-block weights in ``block_weights`` (``[m, 1, 1]``).
     """
 
     rows: slice | Tensor | None
@@ -103,6 +126,8 @@ class RowSegment:
     adapter: int | None
     weight: float
     columns: Tensor | None = None
+    blocks: tuple["RowSegment", ...] = ()
+    block_weights: Tensor | None = None
 
 
 def _rows_of(indices: list[int], total: int, device) -> slice | Tensor | None:
@@ -137,7 +162,27 @@ def plan_rows(row_weights: Tensor | Sequence, ranks: Sequence[int], dtype: torch
         else:
             columns = torch.repeat_interleave(torch.tensor(vector, dtype=torch.float64), torch.tensor(ranks))
             segments.append(RowSegment(rows, vector, None, 1.0, columns.to(device=device, dtype=dtype)))
-    return tuple(segments)
+    block = _as_block(segments, w.shape[0], ranks, dtype, device)
+    return tuple(segments) if block is None else (block,)
+
+
+def _as_block(segments: list[RowSegment], total: int, ranks: Sequence[int], dtype: torch.dtype,
+              device: torch.device | str) -> RowSegment | None:
+    """One block segment when the segments tile the rows as equal consecutive blocks, block ``i`` using
+    adapter ``a0 + i`` alone, and the adapters share one rank (what the batched GEMMs need)."""
+    m = len(segments)
+    if m < 2 or total % m or len(set(ranks)) != 1:
+        return None
+    size, first = total // m, segments[0].adapter
+    for i, seg in enumerate(segments):
+        if (seg.adapter is None or seg.adapter != first + i or not isinstance(seg.rows, slice)
+                or seg.rows != slice(i * size, (i + 1) * size)):
+            return None
+    weights = [seg.weight for seg in segments]
+    if len(set(weights)) == 1:
+        return RowSegment(None, (), None, weights[0], blocks=tuple(segments))
+    per_block = torch.tensor(weights, dtype=torch.float64).view(m, 1, 1).to(device=device, dtype=dtype)
+    return RowSegment(None, (), None, 1.0, blocks=tuple(segments), block_weights=per_block)
 
 
 def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
@@ -145,6 +190,16 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
     """The ``"torch"`` backend of :func:`add_routed`."""
     conv = prepared.conv
     for seg in segments:
+        if seg.blocks:
+            if prepared.down_blocks is None or not out.is_contiguous():
+                add_routed_torch(prepared, x, out, seg.blocks)  # conv, unequal ranks: block by block
+                continue
+            first, m = seg.blocks[0].adapter, len(seg.blocks)
+            h = torch.bmm(x.reshape(m, -1, x.shape[-1]), prepared.down_blocks[first:first + m])
+            if seg.block_weights is not None:
+                h.mul_(seg.block_weights)
+            out.view(m, -1, out.shape[-1]).baddbmm_(h, prepared.up_blocks[first:first + m], alpha=seg.weight)
+            continue
         if seg.adapter is not None:
             a = seg.adapter
             down, mid, up = prepared.downs[a], prepared.mids[a], prepared.ups[a]

@@ -186,6 +186,36 @@ def test_composite_merged_keeps_no_weight_copies_and_alternates_its_order(env, s
     assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in weights_snapshot(baked(env, None)).items())
 
 
+def test_composite_of_equal_rank_loras_runs_blocks_batched(env, setup):
+    """LoRAs of one rank on the same layers: every linear layer runs all LoRAs' row blocks as one batched GEMM pair
+    (block segments), and the result still equals the independent reference."""
+    model, _, pos, neg = setup
+    sd = model.model.state_dict()
+    names = []
+    for i in range(3):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn", "ff", "conv3")), "kohya", rank=4, alpha=2.0, seed=300 + i)
+        lora.amplified(8)
+        lora.save(env.models_dir / "loras" / f"cp_equal_{i}.safetensors")
+        names.append(f"cp_equal_{i}.safetensors")
+    dispatch, routed = env.engine("kernels.dispatch"), env.engine("kernels.lowrank_routed")
+    blocks = []
+
+    def recording(prepared, x, out, segments):
+        blocks.extend(len(seg.blocks) for seg in segments if seg.blocks and prepared.down_blocks is not None)
+        return routed.add_routed_torch(prepared, x, out, segments)
+
+    dispatch.register_backend("lowrank_routed", "test_recording", recording, 1000, lambda: (True, "test"))
+    try:
+        strengths = [1.0, 0.7, -0.5]
+        s = lora_set(names, strengths)
+        got = sample_model(call_node("LoraSetComposite", model=model, lora_set=s, strategy="unmerged")[0], pos, neg, 4.0)
+    finally:
+        dispatch.unregister_backend("lowrank_routed", "test_recording")
+    assert blocks and set(blocks) == {3}, "the shared linear layers ran their 3 row blocks batched"
+    refs = [(baked(env, lora_set([n], [st])), 1 / 3) for n, st in zip(names, strengths)]
+    assert close(got, sample_guider(reference_guider(model, refs, [4.0] * 3, pos, neg, 4.0)))
+
+
 def test_composite_bad_input(env, setup):
     model, names, pos, neg = setup
     with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):

@@ -426,6 +426,100 @@ def test_plan_rows_groups_rows_by_weight_vector() -> None:
     assert every.rows is None and every.adapter is None and every.weight == 1.0  # all rows: no view at all
 
 
+def _block_problem(layout: str, m: int, seed: int = 0):
+    """``m`` linear/conv adapters of one rank and an input of ``m`` blocks of 2 rows (Composite's layout)."""
+    x, _, conv, weight = _problem(layout, 1, seed)
+    x = torch.cat([x[:2]] * m, dim=0) + 0.1 * _randn(2 * m, *x.shape[1:], seed=seed + 7)
+    adapters = []
+    for i in range(m):
+        a = _adapter(layout, 0, seed + 10 * i)
+        adapters.append(LowRankAdapter(a.down, a.up, mid=a.mid, scale=SCALES[i % len(SCALES)]))
+    return x, adapters, conv, weight
+
+
+@pytest.mark.parametrize("layout", ["linear2d", "linear3d", "conv1x1", "conv3x3_s2p1"])
+@pytest.mark.parametrize("block_weights", ["equal", "unequal"])
+@pytest.mark.parametrize("m", [2, 5])
+def test_block_segments_match_dense_oracle(layout: str, block_weights: str, m: int) -> None:
+    """Equal consecutive row blocks, block i using adapter i alone: one block segment, batched GEMMs on linear
+    layers (the per-block path on conv layers), both against the float64 oracle."""
+    x, adapters, conv, weight = _block_problem(layout, m)
+    values = [1.5] * m if block_weights == "equal" else [0.5 + i for i in range(m)]
+    w = torch.zeros(2 * m, m)
+    for i, v in enumerate(values):
+        w[2 * i:2 * i + 2, i] = v
+    prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+    assert (prepared.down_blocks is not None) == (conv is None)
+    (block,) = plan_rows(w, prepared.ranks, x.dtype, x.device)
+    assert block.rows is None and len(block.blocks) == m and [s.adapter for s in block.blocks] == list(range(m))
+    assert (block.block_weights is None) == (block_weights == "equal")
+    base = _layer(x, weight, conv)
+    out = base.clone()
+    add_routed(prepared, x, out, (block,))
+    assert _rel(out - base, _oracle(x, adapters, w, conv, weight)) < TOL
+    x64 = x.double()
+    out64 = torch.zeros_like(base, dtype=torch.float64)
+    add_routed(PreparedLowRank(adapters, conv, torch.float64, "cpu"), x64, out64,
+               plan_rows(w, prepared.ranks, torch.float64, "cpu"))
+    assert _rel(out64, _oracle(x, adapters, w, conv, weight)) < 1e-12
+
+
+def test_block_segments_cover_a_chunk_of_the_adapters() -> None:
+    """A split batch (fewer blocks than adapters, starting at adapter a0) still runs batched."""
+    x, adapters, conv, weight = _block_problem("linear3d", 5)
+    x = x[:6]  # 3 blocks: adapters 2, 3, 4
+    w = torch.zeros(6, 5)
+    for i in range(3):
+        w[2 * i:2 * i + 2, 2 + i] = 1.0
+    prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+    (block,) = plan_rows(w, prepared.ranks, x.dtype, x.device)
+    assert [s.adapter for s in block.blocks] == [2, 3, 4]
+    out = torch.zeros(6, 4, OUT)
+    add_routed(prepared, x, out, (block,))
+    assert _rel(out, _oracle(x, adapters, w, conv, weight)) < TOL
+
+
+def test_rows_that_are_not_equal_ordered_blocks_stay_segments() -> None:
+    ranks = (4, 4, 4)
+    one_hot = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
+    assert len(plan_rows(one_hot, ranks, torch.float32, "cpu")) == 1
+    for w, why in [
+        (one_hot[[2, 3, 0, 1, 4, 5]], "adapters out of block order"),
+        (F.one_hot(torch.tensor([0, 0, 0, 1, 2, 2]), 3).float(), "unequal block sizes"),
+        (F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float(), "scattered rows"),
+        (torch.cat([one_hot[:4], torch.zeros(2, 3)]), "rows without an adapter"),
+    ]:
+        segs = plan_rows(w, ranks, torch.float32, "cpu")
+        assert all(not s.blocks for s in segs), why
+    assert all(not s.blocks for s in plan_rows(one_hot, (4, 8, 4), torch.float32, "cpu"))  # unequal ranks
+
+
+def test_block_segments_launch_the_same_operations_for_any_number_of_loras() -> None:
+    """The reason for block segments: per layer, the torch calls (GPU kernel launches) do not grow with k."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for m in (2, 5):
+        x, adapters, conv, _ = _block_problem("linear3d", m)
+        prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+        w = torch.repeat_interleave(torch.eye(m), 2, dim=0)
+        segments = plan_rows(w, prepared.ranks, x.dtype, x.device)
+        out = torch.zeros(2 * m, 4, OUT)
+        with Count() as counter:
+            add_routed(prepared, x, out, segments)
+        counts[m] = [c for c in counter.calls if c in ("bmm", "baddbmm_", "linear", "addmm_", "index_add_")]
+    assert counts[2] == counts[5] == ["bmm", "baddbmm_"]
+
+
 def test_prepared_factors_fold_the_scale_and_share_storage() -> None:
     _, adapters, conv, _ = _problem("linear2d", 3)
     prepared = PreparedLowRank(adapters, conv, torch.float32, "cpu")
@@ -434,8 +528,17 @@ def test_prepared_factors_fold_the_scale_and_share_storage() -> None:
         assert torch.allclose(prepared.ups[a], adapter.up * adapter.scale)
         assert prepared.downs[a].data_ptr() != adapter.down.data_ptr() or a == 0
     assert prepared.downs[1].untyped_storage().data_ptr() == prepared.down_cat.untyped_storage().data_ptr()
+    assert prepared.down_blocks is None  # ranks 3, 5, 2: no batched block form
+    for a in range(3):
+        assert prepared.ups[a].untyped_storage().data_ptr() == prepared.up_cat.untyped_storage().data_ptr()
+    equal = PreparedLowRank(_block_problem("linear2d", 3)[1], None, torch.float32, "cpu")
+    for a in range(3):  # the batched form is the same storage, adapter by adapter
+        assert torch.equal(equal.down_blocks[a], equal.downs[a].t())
+        assert torch.equal(equal.up_blocks[a], equal.ups[a].t())
+    assert equal.down_blocks.untyped_storage().data_ptr() == equal.down_cat.untyped_storage().data_ptr()
+    assert equal.up_blocks.untyped_storage().data_ptr() == equal.up_cat.untyped_storage().data_ptr()
     tucker = PreparedLowRank(_problem("conv_mixed", 3)[1], STRIDED, torch.float32, "cpu")
-    assert tucker.down_cat is None  # Tucker cannot be stacked: segments using several adapters run them in turn
+    assert tucker.down_cat is None and tucker.down_blocks is None  # Tucker cannot be stacked: segments using several adapters run them in turn
     with pytest.raises(ValueError, match="conv"):
         PreparedLowRank(adapters, STRIDED, torch.float32, "cpu")
 
