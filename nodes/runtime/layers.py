@@ -35,14 +35,10 @@ class LayerPlan:
     bias_columns: list[int] = field(default_factory=list)
     bias: list[torch.Tensor] = field(default_factory=list)
 
-    def to(self, device) -> "LayerPlan":
-        """A copy with every tensor on ``device`` (LoRA tensors live on the CPU between runs)."""
-        def move(a: LowRankAdapter) -> LowRankAdapter:
-            return LowRankAdapter(down=a.down.to(device), up=a.up.to(device),
-                                  mid=None if a.mid is None else a.mid.to(device), scale=a.scale)
-        return LayerPlan(self.key, self.module_path, self.conv, list(self.lowrank_columns),
-                         [move(a) for a in self.lowrank], list(self.dense_columns),
-                         [d.to(device) for d in self.dense], list(self.bias_columns), [b.to(device) for b in self.bias])
+    def copy(self) -> "LayerPlan":
+        """A copy with its own lists (the tensors are shared; they stay on the CPU between runs)."""
+        return LayerPlan(self.key, self.module_path, self.conv, list(self.lowrank_columns), list(self.lowrank),
+                         list(self.dense_columns), list(self.dense), list(self.bias_columns), list(self.bias))
 
 
 def conv_spec(module: torch.nn.Module) -> ConvSpec | None:

@@ -5,8 +5,11 @@ the policy before each model call (``Routing.set``); the hooks exist only while 
 in progress (installed and removed by the binding, in a ``finally``), so nothing leaks.
 
 A forward pass runs a couple of hundred hooks, so each does only arithmetic: the low-rank factors are
-prepared once per run (``kernels.lowrank_routed.PreparedLowRank``) and the rows grouped once per model
-call and column set (``Routing.segments``); the kernel backend is chosen once, at install.
+prepared once per run (``kernels.lowrank_routed.PreparedLowRank``), dense deltas and bias offsets cast
+and uploaded once per run, the rows grouped once per model call and column set (``Routing.segments``,
+``Routing.on_device``); the kernel backend is chosen once, at install. The plans' tensors stay on the
+CPU: each hook builds its copies at its first call, in the dtype and on the device that layer computes
+in (so an fp16 GPU run holds the LoRA tensors once, in fp16, and offloaded layers work too).
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ class Routing:
     weights: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
     _segments: dict = field(default_factory=dict)
+    _on_device: dict = field(default_factory=dict)
 
     def set(self, weights: torch.Tensor | None) -> None:
         self.weights = weights
         self._cache.clear()
         self._segments.clear()
+        self._on_device.clear()
 
     def segments(self, rows: int, columns: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> tuple[lowrank_routed.RowSegment, ...]:
@@ -44,6 +49,16 @@ class Routing:
             hit = () if w is None else lowrank_routed.plan_rows(w, ranks, dtype, device)
             self._segments[key] = hit
         return hit
+
+    def on_device(self, rows: int, columns: "list[int] | tuple[int, ...]", dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+        """``for_rows`` in ``dtype`` on ``device`` (uploaded once per model call); None when no row uses these
+        columns."""
+        key = (rows, tuple(columns), dtype, device)
+        if key not in self._on_device:
+            w = self.for_rows(rows, columns)
+            self._on_device[key] = None if w is None or not bool(w.any()) else w.to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     def for_rows(self, rows: int, columns: "list[int] | tuple[int, ...]") -> torch.Tensor | None:
         """[rows, len(columns)] float32 weights on the CPU (the kernels read them on the host)."""
@@ -70,13 +85,27 @@ class UnmergedAdapters:
         self.plans = plans
         self.routing = routing
         self.handles: list = []
-        self._device_plans: list[LayerPlan] = []
         self._add_routed = lowrank_routed.add_routed
 
     def _hook(self, plan: LayerPlan):
-        prepared: dict = {}  # (dtype, device) → factors cast, scaled and rank-stacked once per run
+        prepared: dict = {}  # (what, dtype, device) → tensors ready to run, built at the first call of the run
         ranks = tuple(a.rank for a in plan.lowrank)
         columns = tuple(plan.lowrank_columns)
+
+        def ready(what: str, dtype: torch.dtype, device: torch.device, build):
+            hit = prepared.get((what, dtype, device))
+            if hit is None:
+                hit = prepared[(what, dtype, device)] = build(dtype, device)
+            return hit
+
+        def lowrank_factors(dtype, device):
+            return lowrank_routed.PreparedLowRank(plan.lowrank, plan.conv, dtype, device)
+
+        def dense_deltas(dtype, device):
+            return [t.to(device=device, dtype=dtype) for t in plan.dense]
+
+        def bias_offsets(dtype, device):  # [options, out]
+            return torch.stack([t.reshape(-1) for t in plan.bias]).to(device=device, dtype=dtype)
 
         def add_adapters(module, inputs, output):
             x = inputs[0]
@@ -86,10 +115,7 @@ class UnmergedAdapters:
             if plan.lowrank:
                 segments = self.routing.segments(rows, columns, ranks, x.dtype, x.device)
                 if segments:
-                    key = (x.dtype, x.device)
-                    factors = prepared.get(key)
-                    if factors is None:
-                        factors = prepared[key] = lowrank_routed.PreparedLowRank(plan.lowrank, plan.conv, *key)
+                    factors = ready("lowrank", x.dtype, x.device, lowrank_factors)
                     if in_place:
                         self._add_routed(factors, x, target, segments)
                     else:
@@ -98,13 +124,12 @@ class UnmergedAdapters:
             if plan.dense:
                 w = self.routing.for_rows(rows, plan.dense_columns)
                 if w is not None and bool(w.any()):
-                    target += dense_kernels.dense_delta(x, [t.to(x.dtype) for t in plan.dense], w,
-                                                        conv=plan.conv).to(target.dtype)
+                    deltas = ready("dense", x.dtype, x.device, dense_deltas)
+                    target += dense_kernels.dense_delta(x, deltas, w, conv=plan.conv).to(target.dtype)
             if plan.bias:
-                w = self.routing.for_rows(rows, plan.bias_columns)
-                if w is not None and bool(w.any()):
-                    b = w.to(device=x.device, dtype=target.dtype) @ torch.stack(
-                        [t.to(device=x.device, dtype=target.dtype).reshape(-1) for t in plan.bias])  # [rows, out]
+                w = self.routing.on_device(rows, plan.bias_columns, target.dtype, x.device)
+                if w is not None:
+                    b = w @ ready("bias", target.dtype, x.device, bias_offsets)  # [rows, out]
                     shape = (rows, -1, *([1] * (output.ndim - 2))) if plan.conv else (rows, *([1] * (output.ndim - 2)), -1)
                     target += b.reshape(shape)
             return output if in_place else target.to(output.dtype)
@@ -113,9 +138,8 @@ class UnmergedAdapters:
     def install(self, base_model: torch.nn.Module, device) -> None:
         self.remove()
         _, self._add_routed = dispatch.select("lowrank_routed", device)
-        self._device_plans = [p.to(device) for p in self.plans]
         seen: dict[str, LayerPlan] = {}
-        for plan in self._device_plans:
+        for plan in (p.copy() for p in self.plans):
             merged = seen.get(plan.module_path)
             if merged is None:  # weight and bias plans of one module share one hook
                 seen[plan.module_path] = plan
@@ -131,4 +155,3 @@ class UnmergedAdapters:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self._device_plans = []
