@@ -67,8 +67,9 @@ def _time(fn, device: torch.device, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype) -> dict:
-    g = torch.Generator("cpu").manual_seed(1000 * r + k)
+def _problem(r: int, k: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """``(x, weight, adapters)``: the layer input, its weight and ``k`` rank-``r`` adapters."""
+    g = torch.Generator("cpu").manual_seed(seed)
 
     def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
@@ -79,6 +80,26 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         lowrank.LowRankAdapter(randn(r, IN, std=IN**-0.5), randn(OUT, r, std=r**-0.5), scale=1.0)
         for _ in range(k)
     ]
+    return x, weight, adapters
+
+
+def _medians(methods: dict, args, device: torch.device) -> dict[str, float]:
+    """Median time per method: a warm-up, then ``--runs`` rounds timing every method once, in an order
+    that rotates across rounds."""
+    names = list(methods)
+    with torch.inference_mode():
+        for fn in methods.values():  # warm-up (allocator, BLAS packing, lazy init)
+            for _ in range(2):
+                fn()
+        times: dict[str, list[float]] = {m: [] for m in names}
+        for rnd in range(args.runs):
+            for m in names[rnd % len(names):] + names[: rnd % len(names)]:
+                times[m].append(_time(methods[m], device, args.inner))
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+    x, weight, adapters = _problem(r, k, 1000 * r + k, device, dtype)
     # k = 1: every row uses the adapter; k = 3: one-hot routing, row n -> adapter n mod k.
     w = torch.nn.functional.one_hot(torch.arange(N) % k, k).float()
     cache = lowrank.build_concat_cache(adapters, dtype, device)
@@ -111,17 +132,7 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         "unmerged_out": unmerged_out,
         "unmerged_routed": unmerged_routed,
     }
-    names = list(methods)
-    with torch.inference_mode():
-        for fn in methods.values():  # warm-up (allocator, BLAS packing, lazy init)
-            for _ in range(2):
-                fn()
-        times: dict[str, list[float]] = {m: [] for m in names}
-        for rnd in range(args.runs):
-            order = names[rnd % len(names):] + names[: rnd % len(names)]
-            for m in order:
-                times[m].append(_time(methods[m], device, args.inner))
-    med = {m: statistics.median(v) for m, v in times.items()}
+    med = _medians(methods, args, device)
     return {
         "r": r,
         "k": k,
@@ -136,17 +147,7 @@ def bench_config(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
 
 
 def bench_blocks(r: int, k: int, args, device: torch.device, dtype: torch.dtype) -> dict:
-    g = torch.Generator("cpu").manual_seed(7000 * r + k)
-
-    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
-
-    x = randn(N, T, IN)
-    weight = randn(OUT, IN, std=IN**-0.5)
-    adapters = [
-        lowrank.LowRankAdapter(randn(r, IN, std=IN**-0.5), randn(OUT, r, std=r**-0.5), scale=1.0)
-        for _ in range(k)
-    ]
+    x, weight, adapters = _problem(r, k, 7000 * r + k, device, dtype)
     prepared = lowrank_routed.PreparedLowRank(adapters, None, dtype, device)
     w = torch.repeat_interleave(torch.eye(k), N // k, dim=0)
     (block,) = lowrank_routed.plan_rows(w, prepared.ranks, dtype, device)
@@ -156,17 +157,9 @@ def bench_blocks(r: int, k: int, args, device: torch.device, dtype: torch.dtype)
         return lambda: lowrank_routed.add_routed_torch(prepared, x, F.linear(x, weight), segments)
 
     methods = {"base": lambda: F.linear(x, weight), "per_block": run(block.blocks), "batched": run((block,))}
-    names = list(methods)
     with torch.inference_mode():
         torch.testing.assert_close(methods["per_block"](), methods["batched"](), rtol=1e-4, atol=1e-4)
-        for fn in methods.values():
-            for _ in range(2):
-                fn()
-        times: dict[str, list[float]] = {m: [] for m in names}
-        for rnd in range(args.runs):
-            for m in names[rnd % len(names):] + names[: rnd % len(names)]:
-                times[m].append(_time(methods[m], device, args.inner))
-    med = {m: statistics.median(v) for m, v in times.items()}
+    med = _medians(methods, args, device)
     return {"r": r, "k": k, "per_block": med["per_block"] / med["base"], "batched": med["batched"] / med["base"]}
 
 

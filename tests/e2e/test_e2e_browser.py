@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from e2e_support import CORRUPT_LORA, TRUNCATED_LORA
 from harness import workflows as wf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -228,7 +229,7 @@ def test_errors_show_as_comfyui_node_errors(page, ui_workflows):
     page.screenshot(path=str(ARTIFACTS / "browser_corrupt_lora_error.png"))
 
 
-def test_lora_info_panel_and_evaluations_badge(page, ui_workflows):
+def test_lora_info_panel_and_evaluations_badge(e2e_server, page, ui_workflows):
     load(page, wf.substitute_for_tests(ui_workflows["lora_static_apply"]))
     redraw_centered(page, "LoraSetLoad")
     page.wait_for_function("""() => {
@@ -249,6 +250,27 @@ def test_lora_info_panel_and_evaluations_badge(page, ui_workflows):
         const node = app.graph._nodes.find((n) => n.type === "LoraSetLoad");
         return (node.loraComposer?.info?.lines || []).some((l) => l.includes("not a readable safetensors"));
     }""", timeout=30_000)
+
+    # A file added after the panel asked for it: ComfyUI's "Refresh" clears the panel's cache and it reads the file.
+    loras = e2e_server.base / "models" / "loras"
+    late = loras / "late_lora.safetensors"
+    set_widget(page, "LoraSetLoad", "lora_name", late.name)
+    info_includes = """(text) => {
+        const app = window.comfyAPI.app.app;
+        app.canvas.draw(true, true);
+        const node = app.graph._nodes.find((n) => n.type === "LoraSetLoad");
+        return (node.loraComposer?.info?.lines || []).some((l) => l.includes(text));
+    }"""
+    page.wait_for_function(info_includes, arg="is not in the loras folders", timeout=30_000)
+    try:
+        good = sorted(p for p in loras.glob("*.safetensors") if p.name not in (CORRUPT_LORA, TRUNCATED_LORA))[0]
+        shutil.copyfile(good, late)
+        page.evaluate("() => window.comfyAPI.app.app.refreshComboInNodes()")
+        set_widget(page, "LoraSetLoad", "lora_name", late.name)  # a refresh may reset a value it did not list
+        # well inside the panel's 10 s error retry, so this is the refresh at work, not the retry
+        page.wait_for_function(info_includes, arg="rank", timeout=8_000)
+    finally:
+        late.unlink(missing_ok=True)
 
     load(page, wf.substitute_for_tests(ui_workflows["lora_composite"]))
     redraw_centered(page, "LoraSetComposite")

@@ -143,19 +143,25 @@ function drawTimeline(node, ctx) {
 
 // --- LoRA info panels (metadata route) ----------------------------------------------------------------------
 
-const infoCache = new Map(); // lora name -> {status: "loading"|"ok"|"error", info?, error?}
+// lora name -> {status: "loading"|"ok"|"error", info?, error?, at?}. Cleared by ComfyUI's "Refresh" (files may have
+// been added or replaced); an error is asked again after ERROR_RETRY_MS (the file may appear, the server restart).
+const infoCache = new Map();
+const ERROR_RETRY_MS = 10000;
 
 function requestInfo(name, node) {
-  if (!name || infoCache.has(name)) return infoCache.get(name);
+  if (!name) return undefined;
+  const cached = infoCache.get(name);
+  if (cached && !(cached.status === "error" && Date.now() - cached.at > ERROR_RETRY_MS)) return cached;
   const entry = { status: "loading" };
   infoCache.set(name, entry);
+  const failed = (error) => Object.assign(entry, { status: "error", error, at: Date.now() });
   api.fetchApi(`/lora_composer/lora_info?name=${encodeURIComponent(name)}`)
     .then(async (response) => {
       const body = await response.json().catch(() => ({}));
       if (response.ok) Object.assign(entry, { status: "ok", info: body });
-      else Object.assign(entry, { status: "error", error: body.error || `HTTP ${response.status}` });
+      else failed(body.error || `HTTP ${response.status}`);
     })
-    .catch((e) => Object.assign(entry, { status: "error", error: String(e) }))
+    .catch((e) => failed(String(e)))
     .finally(() => node.setDirtyCanvas?.(true, true));
   return entry;
 }
@@ -274,6 +280,9 @@ function chainDraw(nodeType, draw) {
 
 app.registerExtension({
   name: "LoRAComposer.panels",
+  refreshComboInNodes() {
+    infoCache.clear(); // "Refresh" re-reads the LoRA folders: re-read the files' headers too
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     switch (nodeData?.name) {
       case "LoraSetSwitch": {
