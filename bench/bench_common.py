@@ -6,6 +6,9 @@ Each ``bench_*.py`` runs as a script, so its folder is first on ``sys.path`` and
 """
 from __future__ import annotations
 
+import logging
+import sys
+
 # SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels, conv proj_in/out), only narrower:
 # comfy's UNetModel pops one transformer_depth entry per input res block and one transformer_depth_output entry
 # per output block, exactly like the real SD1.5 config.
@@ -207,3 +210,20 @@ def time_steady(methods, configs, args, t_start: float, prepare) -> RunLog:
     print(f"all methods timed ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
     args.repeats = min(len(v) for v in log.times.values())
     return log
+
+
+def setup_process(threads: int, attention: str) -> None:
+    """Quiet ComfyUI's start-up, pin torch threads, and choose the attention before comfy is imported."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import torch
+
+    torch.set_num_threads(threads)
+    if attention == "pytorch":
+        from harness import comfy_env  # the caller put tests/ on sys.path
+
+        root = comfy_env.locate_comfyui()
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.use_pytorch_cross_attention = True

@@ -71,7 +71,6 @@ import argparse
 import cProfile
 import gc
 import json
-import logging
 import os
 import platform
 import pstats
@@ -88,6 +87,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
+    setup_process,
     SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
     device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss, runs_described, select_device,
     time_steady)
@@ -567,21 +567,6 @@ def profile_run(methods: Methods, method: str, k: int, label: str) -> None:
 
 def model_config(args) -> dict:
     return dict(SD15_LAYOUT, model_channels=args.model_channels)
-
-
-def setup_process(threads: int, attention: str) -> None:
-    """Quiet ComfyUI's start-up, pin torch threads, and choose the attention before comfy is imported."""
-    logging.getLogger().setLevel(logging.ERROR)
-    import torch
-
-    torch.set_num_threads(threads)
-    if attention == "pytorch":
-        root = comfy_env.locate_comfyui()
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-        from comfy.cli_args import args as comfy_args
-
-        comfy_args.use_pytorch_cross_attention = True
 
 
 def parse_args():

@@ -58,7 +58,6 @@ import argparse
 import cProfile
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -76,6 +75,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
+    setup_process,
     SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
     device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss,
     runs_described, select_device, time_steady)
@@ -549,21 +549,6 @@ def profile_switch(methods: Methods, rank: int) -> None:
 
 def relative_difference(a, b) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-
-
-def setup_process(threads: int, attention: str) -> None:
-    """Quiet ComfyUI's start-up, pin torch threads, and choose the attention before comfy is imported."""
-    logging.getLogger().setLevel(logging.ERROR)
-    import torch
-
-    torch.set_num_threads(threads)
-    if attention == "pytorch":
-        root = comfy_env.locate_comfyui()
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-        from comfy.cli_args import args as comfy_args
-
-        comfy_args.use_pytorch_cross_attention = True
 
 
 def parse_args():
