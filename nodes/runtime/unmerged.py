@@ -31,12 +31,14 @@ class Routing:
     _cache: dict = field(default_factory=dict)
     _segments: dict = field(default_factory=dict)
     _on_device: dict = field(default_factory=dict)
+    _used: dict = field(default_factory=dict)
 
     def set(self, weights: torch.Tensor | None) -> None:
         self.weights = weights
         self._cache.clear()
         self._segments.clear()
         self._on_device.clear()
+        self._used.clear()
 
     def segments(self, rows: int, columns: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> tuple[lowrank_routed.RowSegment, ...]:
@@ -56,9 +58,17 @@ class Routing:
         columns."""
         key = (rows, tuple(columns), dtype, device)
         if key not in self._on_device:
-            w = self.for_rows(rows, columns)
-            self._on_device[key] = None if w is None or not bool(w.any()) else w.to(device=device, dtype=dtype)
+            w = self.used_rows(rows, columns)
+            self._on_device[key] = None if w is None else w.to(device=device, dtype=dtype)
         return self._on_device[key]
+
+    def used_rows(self, rows: int, columns: "list[int] | tuple[int, ...]") -> torch.Tensor | None:
+        """``for_rows``, or None when no row uses these columns (checked once per model call)."""
+        key = (rows, tuple(columns))
+        if key not in self._used:
+            w = self.for_rows(rows, columns)
+            self._used[key] = None if w is None or not bool(w.any()) else w
+        return self._used[key]
 
     def for_rows(self, rows: int, columns: "list[int] | tuple[int, ...]") -> torch.Tensor | None:
         """[rows, len(columns)] float32 weights on the CPU (the kernels read them on the host)."""
@@ -122,8 +132,8 @@ class UnmergedAdapters:
                         delta = torch.zeros(output.shape, dtype=x.dtype, device=x.device)
                         target += self._add_routed(factors, x, delta, segments).float()
             if plan.dense:
-                w = self.routing.for_rows(rows, plan.dense_columns)
-                if w is not None and bool(w.any()):
+                w = self.routing.used_rows(rows, plan.dense_columns)
+                if w is not None:
                     deltas = ready("dense", x.dtype, x.device, dense_deltas)
                     target += dense_kernels.dense_delta(x, deltas, w, conv=plan.conv).to(target.dtype)
             if plan.bias:
