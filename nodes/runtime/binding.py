@@ -89,10 +89,11 @@ class AdapterRuntime:
         # Measured (bench/bench_switch.py, bench/bench_composite.py; README "Benchmarks"). One network evaluation
         # per model call (Switch; Composite of one LoRA; AutoLoRA at γ = 0 or 1) is cheapest baked in, and exact.
         # Mixtures on a CPU: one batch with per-row adapters costs the low-rank FLOPs on top of k rows and holds no
-        # weight copy, where k merged passes per call pay a weight recomputation per swap (Composite, fresh runs:
-        # 0.87-0.91x k static runs batched vs 1.00-1.07x merged; steady runs within 3 % of each other). On an H100
-        # (SD1.5-sized UNet, 512 px, fp32) k merged passes beat one k-times batch (0.88 s vs 1.63 s for Composite at
-        # k = 2, 0.90 s vs 1.27 s for AutoLoRA), measured before the unmerged path lost its per-layer host syncs.
+        # weight copy, where k merged passes per call pay a weight recomputation per swap (Composite, two fresh runs:
+        # 0.87-1.01x k static runs batched vs 0.98-1.07x merged, batched ahead at every k; steady runs within 3 % of
+        # each other). On an H100 (SD1.5-sized UNet, 512 px, fp32) k merged passes beat one k-times batch (0.88 s vs
+        # 1.63 s for Composite at k = 2, 0.90 s vs 1.27 s for AutoLoRA), measured before the unmerged path lost its
+        # per-layer host syncs.
         if self.mixture is None or len(self.mixture(0)) == 1:
             return "merged"
         return "unmerged" if device.type == "cpu" else "merged"
