@@ -33,13 +33,15 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp
           pack's ``nodes.patching.resolve_set``/``model_patch_lists``) from a backup of the original
           weights, runs ``sampling_function``, and restores the originals at the end;
   AM / AU ``AutoLoraGuidance`` (γ 0.5, LoRA branch = the 1st LoRA), strategy merged / unmerged;
-  AG      ``AutoLoraGuider`` (cfg_base = cfg_lora = 5, γ 0.5) via ``guider.sample``;
+  AG / AGM ``AutoLoraGuider`` (cfg_base = cfg_lora = 5, γ 0.5) via ``guider.sample``, strategy unmerged (both
+          branches' cond and uncond in one batched call, rows routed by cond) / merged (a call per branch);
   AC      core AutoLoRA guider (internals §4(d) guider form): conds [pos, neg, pos+hook, neg+hook] in
           ONE ``calc_cond_batch``, CFG per branch, blended with γ.
 
 * One warm-up round, then ``--repeats`` rounds (default 4); each round runs every method once, in a
   fixed order that is reversed on every other round (interleaved); medians are reported.
-  Correctness guards on the warm-up outputs (before any timing): CM vs CU, CM vs CH and AG vs AM
+  ``--autolora-only`` runs S and the AutoLoRA methods alone (no Composite).
+  Correctness guards on the warm-up outputs (before any timing): CM vs CU, CM vs CH, AG vs AM and AGM vs AG
   within 1e-4 relative (max abs difference / max abs value), else a WARNING line; CR vs CH and AC vs AG
   are printed too.
 * Peak memory (unless ``--no-memory``): every method once in a fresh child process (hidden
@@ -124,7 +126,8 @@ COMPOSITE_METHODS = {  # key → label (run for every k)
 AUTOLORA_METHODS = {
     "AM": "AM AutoLoraGuidance merged",
     "AU": "AU AutoLoraGuidance unmerged",
-    "AG": "AG AutoLoraGuider (guider)",
+    "AG": "AG AutoLoraGuider unmerged",
+    "AGM": "AGM AutoLoraGuider merged",
     "AC": "AC core AutoLoRA guider",
 }
 S_LABEL = "S  static LoraSetApply (1 LoRA)"
@@ -366,9 +369,10 @@ class Methods:
                                         gamma=GAMMA, strategy=strategy)
         return self.sample_model(m)
 
-    def autolora_guider(self):
+    def autolora_guider(self, strategy: str):
         (guider,) = call_node("AutoLoraGuider", model=self.model, lora_set=self.lora_set(lora_names(1)),
-                              positive=self.positive, negative=self.negative, cfg_base=CFG, cfg_lora=CFG, gamma=GAMMA)
+                              positive=self.positive, negative=self.negative, cfg_base=CFG, cfg_lora=CFG, gamma=GAMMA,
+                              strategy=strategy)
         return self.sample_guider(guider)
 
     def core_autolora(self):
@@ -395,7 +399,9 @@ class Methods:
         if method == "AU":
             return self.autolora_model("unmerged")
         if method == "AG":
-            return self.autolora_guider()
+            return self.autolora_guider("unmerged")
+        if method == "AGM":
+            return self.autolora_guider("merged")
         if method == "AC":
             return self.core_autolora()
         raise ValueError(method)
@@ -457,7 +463,11 @@ def time_one_forward(model, methods: Methods, rows: int = 2) -> float:
 
 # ------------------------------------------------------------------------------------------- memory
 
-MEMORY_JOBS = ("baseline", "S", "CM", "CU", "CH", "CR", "AM", "AU", "AG", "AC")
+MEMORY_JOBS = ("baseline", "S", "CM", "CU", "CH", "CR", "AM", "AU", "AG", "AGM", "AC")
+
+
+def memory_jobs(args) -> tuple[str, ...]:
+    return tuple(j for j in MEMORY_JOBS if not (args.autolora_only and j in COMPOSITE_METHODS))
 
 
 def child_main(args) -> None:
@@ -512,9 +522,10 @@ def spawn_child(args, method: str, models_dir: Path) -> int:
 
 def measure_memory(args, models_dir: Path) -> dict[str, int]:
     """Peak RSS above the model+LoRA-files baseline, bytes, per method; two children at a time (1 thread each)."""
+    jobs = memory_jobs(args)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        peaks = dict(zip(MEMORY_JOBS, pool.map(lambda m: spawn_child(args, m, models_dir), MEMORY_JOBS)))
-    return {m: peaks[m] - peaks["baseline"] for m in MEMORY_JOBS[1:]}
+        peaks = dict(zip(jobs, pool.map(lambda m: spawn_child(args, m, models_dir), jobs)))
+    return {m: peaks[m] - peaks["baseline"] for m in jobs[1:]}
 
 
 # ------------------------------------------------------------------------------------------ profile
@@ -589,6 +600,7 @@ def parse_args():
     add_timing_argument(p)
     p.add_argument("--memory-only", action="store_true", help="skip the timings (guards and peak RSS only)")
     p.add_argument("--mem-steps", type=int, default=2, help="sampler steps in the memory children (default 2)")
+    p.add_argument("--autolora-only", action="store_true", help="S and the AutoLoRA methods only (no Composite)")
     p.add_argument("--profile", action="store_true", help="always cProfile (default: only methods that miss a target)")
     p.add_argument("--child", choices=MEMORY_JOBS, help=argparse.SUPPRESS)
     p.add_argument("--mem-k", type=int, default=None, help=argparse.SUPPRESS)
@@ -598,6 +610,8 @@ def parse_args():
     args.steps = args.steps or STEPS[mode]
     args.repeats = args.repeats or REPEATS[mode]
     args.ks = tuple(int(v) for v in args.k.split(",")) if args.k else KS[mode]
+    if args.autolora_only:
+        args.ks = ()
     if any(k < 2 for k in args.ks):
         p.error("--k values must be ≥ 2")
     if args.repeats < 1:
@@ -606,7 +620,7 @@ def parse_args():
     args.model_channels = args.model_channels or MODEL_CHANNELS[mode]
     args.k_given = args.k is not None
     args.mem_k_given = args.mem_k is not None
-    args.mem_k = args.mem_k or max(args.ks)
+    args.mem_k = args.mem_k or max(args.ks, default=1)
     select_device(args)
     if args.device == "cuda" and args.memory_only:
         p.error("--memory-only measures peak RSS in child processes: CPU only")
@@ -623,15 +637,16 @@ def estimate_seconds(args, ks, fwd: float) -> float:
     rounds = (0 if args.memory_only else args.repeats) + 1
     total = rounds * forwards_per_round(args.steps, ks) * fwd * OVERHEAD
     if not args.no_memory:
-        total += len(MEMORY_JOBS) * CHILD_START_S / 2 + forwards_per_round(args.mem_steps, [max(ks)]) * fwd * OVERHEAD
+        total += (len(memory_jobs(args)) * CHILD_START_S / 2
+                  + forwards_per_round(args.mem_steps, [max(ks, default=0)]) * fwd * OVERHEAD)
     if not args.memory_only:  # the cProfile runs of a missed Composite target (merged + unmerged, smallest k)
-        total += 2 * args.steps * min(ks) * fwd * OVERHEAD * 1.3
+        total += 2 * args.steps * min(ks, default=1) * fwd * OVERHEAD * 1.3
     return total
 
 
 def fit_k_list(args, fwd: float, elapsed: float) -> None:
     """Default run only: drop k values (2,3,5 → 2,5 → 2,3 → 2) until the estimate fits the time budget."""
-    if args.k_given or args.quick:
+    if args.k_given or args.quick or not args.ks:
         return
     for ks in K_FALLBACKS:
         if set(ks) <= set(args.ks) and elapsed + estimate_seconds(args, ks, fwd) <= BUDGET_S:
@@ -673,6 +688,7 @@ def check_outputs(outputs: dict, ks) -> None:
         info(f"k={k} Composite vs S", ("CM", k), ("S", 0), " (must be large: Composite is not one LoRA)")
     guard("AutoLoraGuidance merged vs AutoLoraGuider (equal cfg)", ("AM", 0), ("AG", 0),
           "the model and guider forms disagree")
+    guard("AutoLoraGuider unmerged vs merged", ("AG", 0), ("AGM", 0), "the guider's two strategies disagree")
     info("AutoLoraGuidance unmerged vs merged", ("AU", 0), ("AM", 0))
     info("core AutoLoRA guider vs AutoLoraGuider", ("AC", 0), ("AG", 0))
     info("AutoLoraGuidance vs S", ("AM", 0), ("S", 0), " (must be large: γ = 0.5 is not the LoRA model)")
@@ -689,7 +705,7 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     print(f"{S_LABEL}: median {s:.3f} s (min {min(times[('S', 0)]):.3f})")
 
     print()
-    print(f"LoRA Composite — floor = k × S; targets: best Composite ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f} × floor, "
+    print("LoRA Composite: not run (--autolora-only)" if not args.ks else f"LoRA Composite — floor = k × S; targets: best Composite ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f} × floor, "
           f"best Composite / CH < 1, best Composite / CR < 1")
     widths = (31, 8, 8, 9, 9, 9, 9)
     for k in args.ks:
@@ -721,17 +737,19 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     ac = med[("AC", 0)]
     for m, label in AUTOLORA_METHODS.items():
         v = med[(m, 0)]
-        target = {"AM": TARGET_AUTOLORA_MODEL, "AU": TARGET_AUTOLORA_MODEL, "AG": TARGET_AUTOLORA_GUIDER}.get(m)
+        target = {"AM": TARGET_AUTOLORA_MODEL, "AU": TARGET_AUTOLORA_MODEL, "AG": TARGET_AUTOLORA_GUIDER,
+                  "AGM": TARGET_AUTOLORA_GUIDER}.get(m)
         verdict = "" if target is None else ("OK" if v / s <= target else "MISSED")
         print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, 0)]):.3f}", f"{v / s:.3f}",
                        f"≤ {target:.2f}" if target else "(core)", verdict, f"{v / ac:.3f}"), aw))
     best_am = min(("AM", "AU"), key=lambda m: med[(m, 0)])
     if med[(best_am, 0)] / s > TARGET_AUTOLORA_MODEL:
         missed.append((best_am, 0))
-    if med[("AG", 0)] / s > TARGET_AUTOLORA_GUIDER:
-        missed.append(("AG", 0))
+    best_ag = min(("AG", "AGM"), key=lambda m: med[(m, 0)])
+    if med[(best_ag, 0)] / s > TARGET_AUTOLORA_GUIDER:
+        missed.append((best_ag, 0))
     print(f"  AutoLoraGuidance target judged on the faster strategy ({best_am}): "
-          f"{med[(best_am, 0)] / s:.3f} × S")
+          f"{med[(best_am, 0)] / s:.3f} × S; AutoLoraGuider on {best_ag}: {med[(best_ag, 0)] / s:.3f} × S")
 
     return missed
 
@@ -772,7 +790,7 @@ def main() -> None:
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
-    n_loras = max(args.ks)
+    n_loras = max(args.ks, default=1)
     targets = write_loras(model_sd, models_dir / "loras", n_loras)
     target_params = sum(model_sd[k].numel() for k in targets)
     largest_layer = max(model_sd[k].numel() for k in targets) * 4
@@ -827,7 +845,7 @@ def main() -> None:
         mw = (31, 9, 10, 9, 11, 8)
         print(fmt_row(("method", "peak", "- S", "/ S", "- S copies", "verdict"), mw))
         labels = {"S": S_LABEL, **COMPOSITE_METHODS, **AUTOLORA_METHODS}
-        for m in MEMORY_JOBS[1:]:
+        for m in memory_jobs(args)[1:]:
             v = memory[m]
             bound = bound_comp if m in COMPOSITE_METHODS else bound_auto
             verdict = "" if m in ("S", "CH", "CR", "AC") else ("OK" if v <= bound else "OVER")
@@ -845,7 +863,7 @@ def main() -> None:
     to_profile = [(m, min(missed_ks)) for m in ("CM", "CU")] if missed_ks else []  # smallest k: same overheads
     to_profile += [(m, k) for m, k in missed if m not in COMPOSITE_METHODS]
     if args.profile and not to_profile:
-        to_profile = [("CM", max(args.ks)), ("CU", max(args.ks)), ("AM", 0), ("AG", 0)]
+        to_profile = [(m, max(args.ks)) for m in ("CM", "CU") if args.ks] + [("AM", 0), ("AG", 0)]
     if to_profile:
         print("profiling: " + ", ".join(f"{m} k={k}" if k else m for m, k in to_profile)
               + (" (missed a target)" if missed else ""))

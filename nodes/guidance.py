@@ -4,9 +4,10 @@
     ε       = ε̂_base + γ_t · (ε̂_LoRA − ε̂_base)            ("cfg-then-blend", the default)
 
 "blend-then-cfg" instead blends the cond and the uncond predictions with γ_t and applies one CFG
-with cfg_lora (identical to the shared-CFG MODEL form when the two scales are equal). Each branch is
-evaluated with ComfyUI's own ``sampling_function``, so the cfg=1 shortcut and other packs'
-pre-/post-CFG functions run exactly as in core guiders (post-CFG once per branch in cfg-then-blend).
+with cfg_lora (identical to the shared-CFG MODEL form when the two scales are equal). Each branch
+follows ComfyUI's own ``sampling_function`` step by step, so the cfg=1 shortcut and other packs'
+pre-/post-CFG functions run exactly as in core guiders (post-CFG once per branch in cfg-then-blend);
+only the network evaluation of both branches may be one batched call (see ``AutoLoraCFGGuider``).
 The paper's exact equation could not be verified (algorithms.md §2); both readings are offered.
 """
 from __future__ import annotations
@@ -39,7 +40,14 @@ def gamma_at(step: int, total_steps: int, gamma: float, gamma_end: float, schedu
 
 
 class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
-    """Base and LoRA branches of one model; the runtime swaps the LoRA weights in between."""
+    """Base and LoRA branches of one model, CFG per branch.
+
+    Unmerged runs (``auto`` on a CPU) evaluate every branch's [cond, uncond] in ONE ``calc_cond_batch`` whose
+    rows the runtime routes by cond (base rows without the LoRA, LoRA rows with it); merged runs evaluate the
+    branches one after the other and swap the LoRA weights in between. Both then replay what core's
+    ``sampling_function`` does after its ``calc_cond_batch`` (pre-CFG functions, ``cfg_function`` with the
+    post-CFG functions) once per branch, so the result is the same either way.
+    """
 
     def __init__(self, model_patcher, runtime: AdapterRuntime, count: int, cfg_base: float, cfg_lora: float,
                  gamma: float, gamma_end: float, gamma_schedule: str, mix: str):
@@ -61,54 +69,84 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         run = self.runtime.run
         return gamma_at(run.step if run is not None else 0, total, self.gamma, self.gamma_end, self.gamma_schedule)
 
-    def _branch(self, option, x, timestep, model_options, seed, cfg):
-        self.runtime.activate(option)
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
-                                                self.conds.get("positive"), cfg, model_options=model_options,
-                                                seed=seed)
-
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        gamma = self.current_gamma(model_options)
-        lora = tuple([1.0] * self.count)
-        if self.mix == "blend-then-cfg":
-            return self._blend_then_cfg(gamma, lora, x, timestep, model_options, seed)
+        components = autolora_mixture(self.current_gamma(model_options), self.count)
+        pos, neg = self.conds.get("positive"), self.conds.get("negative")
+        if self.mix == "blend-then-cfg":  # both branches' cond and uncond are blended, then one CFG with cfg_lora
+            outs = self._evaluate(components, [[pos, neg]] * len(components), x, timestep, model_options)
+            cond = sum(c * out[0] for (c, _), out in zip(components, outs))
+            uncond = sum(c * out[1] for (c, _), out in zip(components, outs))
+            return self._guide([pos, neg], [cond, uncond], self.cfg_lora, x, timestep, model_options)
+        scales = [self.cfg_base if option is None else self.cfg_lora for _, option in components]
+        # core's cfg = 1 shortcut, per branch: that branch's uncond is not evaluated
+        pairs = [[pos, None if _skips_uncond(scale, model_options) else neg] for scale in scales]
+        outs = self._evaluate(components, pairs, x, timestep, model_options)
         acc = None
-        for coefficient, option in autolora_mixture(gamma, self.count):
-            cfg = self.cfg_base if option is None else self.cfg_lora
-            out = self._branch(option, x, timestep, model_options, seed, cfg)
-            term = out if coefficient == 1.0 else out * coefficient
+        for (coefficient, _), pair, out, scale in zip(components, pairs, outs, scales):
+            guided = self._guide(pair, out, scale, x, timestep, model_options)
+            term = guided if coefficient == 1.0 else guided * coefficient
             acc = term if acc is None else acc + term
         return acc
 
-    def _blend_then_cfg(self, gamma, lora, x, timestep, model_options, seed):
-        pos, neg = self.conds.get("positive"), self.conds.get("negative")
-        outs = {}
-        for coefficient, option in autolora_mixture(gamma, self.count):
+    def _evaluate(self, components, pairs, x, timestep, model_options) -> list[list]:
+        """[cond, uncond] predictions per branch: one batched call (unmerged) or one call per branch (merged)."""
+        run = self.runtime.run
+        if run is not None and run.hooks is not None:
+            conds = [c for pair in pairs for c in pair]
+            self.runtime.route_by_cond([(option, j) for _, option in components for j in (0, 1)])
+            try:
+                out = self._calc(conds, x, timestep, model_options)
+            finally:
+                self.runtime.route_by_cond(None)
+            return [out[2 * i:2 * i + 2] for i in range(len(pairs))]
+        outs = []
+        for (_, option), pair in zip(components, pairs):
             self.runtime.activate(option)
-            outs[option] = (coefficient, comfy.samplers.calc_cond_batch(self.inner_model, [pos, neg], x, timestep,
-                                                                        model_options))
-        cond = sum(c * o[0] for c, o in outs.values())
-        uncond = sum(c * o[1] for c, o in outs.values())
-        conds_out = [cond, uncond]
+            outs.append(self._calc(pair, x, timestep, model_options))
+        return outs
+
+    def _calc(self, conds, x, timestep, model_options) -> list:
+        """Core's ``sampling_function`` evaluation step: a pack's ``sampler_calc_cond_batch_function`` if set."""
+        if "sampler_calc_cond_batch_function" in model_options:
+            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model,
+                    "model_options": model_options}
+            return model_options["sampler_calc_cond_batch_function"](args)
+        return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+
+    def _guide(self, pair, out, scale, x, timestep, model_options):
+        """The rest of core's ``sampling_function`` for one branch: pre-CFG functions, then ``cfg_function``."""
         for fn in model_options.get("sampler_pre_cfg_function", []):
-            conds_out = fn({"conds": [pos, neg], "conds_out": conds_out, "cond_scale": self.cfg_lora,
-                            "timestep": timestep, "input": x, "sigma": timestep, "model": self.inner_model,
-                            "model_options": model_options})
-        return comfy.samplers.cfg_function(self.inner_model, conds_out[0], conds_out[1], self.cfg_lora, x, timestep,
-                                           model_options=model_options, cond=pos, uncond=neg)
+            out = fn({"conds": pair, "conds_out": out, "cond_scale": scale, "timestep": timestep, "input": x,
+                      "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], scale, x, timestep,
+                                           model_options=model_options, cond=pair[0], uncond=pair[1])
+
+
+def _skips_uncond(scale: float, model_options) -> bool:
+    return math.isclose(scale, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+
+
+def branch_count(gamma: float, gamma_end: float) -> int:
+    """Branches evaluated per step: 1 when every step's γ is 0 or 1 (one model only), else 2."""
+    return 1 if gamma == gamma_end and gamma in (0.0, 1.0) else 2
 
 
 def autolora_guider(model_patcher, lora_set: LoraSet, positive, negative, cfg_base: float, cfg_lora: float,
                     gamma: float, gamma_schedule: str = "constant", gamma_end: float | None = None,
-                    mix: str = "cfg-then-blend") -> AutoLoraCFGGuider:
+                    mix: str = "cfg-then-blend", strategy: str = "auto") -> AutoLoraCFGGuider:
     lora_set = require_nonempty(lora_set)
     gamma = check_gamma(gamma)
     gamma_end = check_gamma(gamma if gamma_end is None else gamma_end, "gamma_end")
+    if gamma_schedule == "constant":
+        gamma_end = gamma
     for name, value in (("cfg_base", cfg_base), ("cfg_lora", cfg_lora)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}.")
     options = [model_patch_lists(e, p) for e, p in resolve_set(model_patcher, None, lora_set)]
-    runtime = AdapterRuntime(options, strategy="merged", label="autolora_guider", cached_sets=1)
+    # merged runs cache the LoRA weight set (swapping base <-> LoRA is then pointer moves, memory as one static
+    # LoRA); unmerged runs (auto on a CPU) hold no weight copy at all
+    runtime = AdapterRuntime(options, branches=branch_count(gamma, gamma_end), strategy=strategy,
+                             label="autolora_guider", cached_sets=1)
     guider = AutoLoraCFGGuider(runtime.attach(model_patcher), runtime, len(lora_set), cfg_base, cfg_lora, gamma,
                                gamma_end, gamma_schedule, mix)
     guider.set_conds(positive, negative)

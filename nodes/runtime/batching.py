@@ -54,6 +54,18 @@ def expand_call(args: tuple, kwargs: dict, m: int) -> tuple[tuple, dict]:
     return tuple(expanded), new_kwargs
 
 
+def transformer_options_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict | None]:
+    """APPLY_MODEL arguments with their ``transformer_options`` replaced by a shallow copy (returned third, None
+    when the call has none), so a wrapper can change what the network sees without touching the caller's dict."""
+    if len(args) > 5 and isinstance(args[5], dict):
+        options = dict(args[5])
+        return args[:5] + (options,) + args[6:], kwargs, options
+    if isinstance(kwargs.get("transformer_options"), dict):
+        options = dict(kwargs["transformer_options"])
+        return args, {**kwargs, "transformer_options": options}, options
+    return args, kwargs, None
+
+
 def fold(output: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
     """Σ_c coefficient_c · output[c-th block of rows]."""
     m = len(coefficients)

@@ -9,6 +9,8 @@
   mixture component — sequentially with merged weights, or in one batch with per-row routing — and
   returns Σ coefficient · output. The outputs are denoised (x0) predictions; for a fixed x and σ
   they are affine in ε, so a mixture whose coefficients sum to 1 is the same mixture of ε's.
+  For a guider that batches several branches' conds in one ``calc_cond_batch`` (AutoLoraGuider,
+  ``branches`` > 0), the same wrapper routes each row by the cond it belongs to (``route_by_cond``).
 
 Wrappers are registered on a *clone* under a key unique to this runtime, so other packs' keyed
 wrappers compose with ours and the input MODEL is never modified.
@@ -45,6 +47,7 @@ class RunState:
     routing: Routing = field(default_factory=Routing)
     step: int = 0
     reverse: bool = False  # merged mixtures alternate their component order between calls (one swap fewer)
+    cond_routes: "list[tuple[object, int]] | None" = None  # per cond index: (option, index the model sees)
     steps_seen: list[int] = field(default_factory=list)
     forwards: int = 0  # network evaluations (APPLY_MODEL executions), for diagnostics
 
@@ -53,19 +56,23 @@ class AdapterRuntime:
     """Options (LoRAs as ComfyUI patch lists) plus a policy saying which act at each model call.
 
     ``select(step) → option`` (Switch) or ``mixture(step) → [(coefficient, option), …]``.
+    ``branches``: for a guider that drives the runtime itself (``activate`` / ``route_by_cond``), how many
+    options it evaluates per step (1: the strategy is always merged; more: batched rows on a CPU).
     ``cached_sets``: weight sets the merged strategy keeps, each a patched copy of the LoRA'd layers (see
     ``MergedSwapper``); AutoLoRA keeps its one LoRA set, Composite none (k copies of the weights is what the
     runtime exists to avoid).
     """
 
     def __init__(self, options: list[dict[str, list[tuple]]], *, select: Callable[[int], object] | None = None,
-                 mixture: Callable[[int], Mixture] | None = None, strategy: str = "auto", label: str = "runtime",
-                 cached_sets: int = 0, free_memory: Callable[[torch.device], float] | None = None):
+                 mixture: Callable[[int], Mixture] | None = None, branches: int = 0, strategy: str = "auto",
+                 label: str = "runtime", cached_sets: int = 0,
+                 free_memory: Callable[[torch.device], float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         self.options = options
         self.select = select
         self.mixture = mixture
+        self.branches = branches
         self.strategy = strategy
         self.cached_sets = cached_sets
         self.free_memory = free_memory or mm.get_free_memory
@@ -79,7 +86,7 @@ class AdapterRuntime:
         clone = model_patcher.clone()
         clone.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, self.key, self.sampler_sample)
         clone.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, self.key, self.predict_noise)
-        if self.mixture is not None:
+        if self.mixture is not None or self.branches:
             clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
         return clone
 
@@ -94,9 +101,16 @@ class AdapterRuntime:
         # each other). On an H100 (SD1.5-sized UNet, 512 px, fp32) k merged passes beat one k-times batch (0.88 s vs
         # 1.63 s for Composite at k = 2, 0.90 s vs 1.27 s for AutoLoRA), measured before the unmerged path lost its
         # per-layer host syncs.
-        if self.mixture is None or len(self.mixture(0)) == 1:
+        if self.evaluations_per_step() == 1:
             return "merged"
         return "unmerged" if device.type == "cpu" else "merged"
+
+    def evaluations_per_step(self) -> int:
+        """Options evaluated per model call: 1 for a selection (Switch), the components of a mixture, or the
+        branches a guider evaluates."""
+        if self.mixture is not None:
+            return len(self.mixture(0))
+        return max(1, self.branches)
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
@@ -132,6 +146,19 @@ class AdapterRuntime:
         else:
             run.routing.set(self._routing_row(option).unsqueeze(0))
 
+    def route_by_cond(self, routes: "Sequence[tuple[object, int]] | None") -> None:
+        """Route the rows of the following network evaluations by the cond they belong to (unmerged runs).
+
+        ``routes[i] = (option, index)``: the rows of the i-th cond of ``calc_cond_batch``'s list (its index in
+        ``transformer_options["cond_or_uncond"]``) get ``option``, and the network sees ``index`` in that list
+        instead of i, so attention patches that tell cond (0) from uncond (1) keep working when a guider batches
+        several branches' [cond, uncond] pairs in one call. ``None`` ends it.
+        """
+        run = self.run
+        if run is None or run.hooks is None:
+            raise RuntimeError("routing by cond needs an unmerged run of this runtime in progress")
+        run.cond_routes = None if routes is None else list(routes)
+
     def _routing_row(self, option) -> torch.Tensor:
         row = torch.zeros(len(self.options))
         if isinstance(option, int):
@@ -153,6 +180,11 @@ class AdapterRuntime:
     def apply_model(self, executor, *args, **kwargs):
         run = self.run
         if run is None:
+            return executor(*args, **kwargs)
+        if run.cond_routes is not None:
+            return self._routed_by_cond(run, executor, args, kwargs)
+        if self.mixture is None:  # a guider's branch with merged weights (it activated the option itself)
+            run.forwards += 1
             return executor(*args, **kwargs)
         components = list(self.mixture(run.step))
         if run.swapper is not None or len(components) == 1:
@@ -180,6 +212,22 @@ class AdapterRuntime:
             term = out if coefficient == 1.0 else out * coefficient
             acc = term if acc is None else acc + term
         return acc
+
+    def _routed_by_cond(self, run, executor, args, kwargs):
+        """One network evaluation whose rows carry the options of their conds (see ``route_by_cond``)."""
+        args, kwargs, options = batching.transformer_options_copy(args, kwargs)
+        indices = options.get("cond_or_uncond") if options is not None else None
+        x = args[0]
+        if not indices or x.shape[0] % len(indices):
+            raise RuntimeError("the LoRA runtime cannot tell which rows belong to which cond in this model call "
+                               f"(cond_or_uncond = {indices!r}, {x.shape[0]} rows)")
+        routes = run.cond_routes
+        per_cond = x.shape[0] // len(indices)
+        rows = torch.stack([self._routing_row(routes[i][0]) for i in indices]).repeat_interleave(per_cond, dim=0)
+        run.routing.set(rows)
+        options["cond_or_uncond"] = [routes[i][1] for i in indices]
+        run.forwards += 1
+        return executor(*args, **kwargs)
 
     def components_per_forward(self, base_model, x: torch.Tensor, count: int) -> int:
         """How many components fit in one forward, by ComfyUI's own memory estimate."""

@@ -125,7 +125,8 @@ class AutoLoraGuider:
                    "('cfg-then-blend'); 'blend-then-cfg' blends cond and uncond first and applies cfg_lora once. "
                    "γ_t follows gamma_schedule: constant, or from gamma (first step) to gamma_end (last step) "
                    "linearly or by a cosine. Other packs' pre-/post-CFG patches run as in core guiders. "
-                   "4 network evaluations per step (2 with cfg 1).")
+                   "4 cond evaluations per step (one fewer per branch whose cfg is 1), in one batched network "
+                   "call or one per branch (strategy).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -146,6 +147,11 @@ class AutoLoraGuider:
             "gamma_end": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.05,
                                     "tooltip": "γ at the last step (linear/cosine schedules)."}),
             "mix": (list(MIX_MODES), {"default": "cfg-then-blend", "tooltip": "Where the γ blend happens."}),
+            "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
+                                            "tooltip": "merged: base and LoRA branches one after the other with "
+                                                       "swapped weights. unmerged: both branches' cond and uncond "
+                                                       "in one batch with per-row LoRAs. auto: unmerged on CPUs, "
+                                                       "merged on GPUs (as measured) and when γ stays 0 or 1."}),
         }}
 
     RETURN_TYPES = ("GUIDER",)
@@ -153,7 +159,7 @@ class AutoLoraGuider:
     FUNCTION = "guider"
 
     def guider(self, model, lora_set, positive, negative, cfg_base, cfg_lora, gamma, gamma_schedule="constant",
-               gamma_end=0.5, mix="cfg-then-blend"):
+               gamma_end=0.5, mix="cfg-then-blend", strategy="auto"):
         end = gamma if gamma_schedule == "constant" else gamma_end
         return (autolora_guider(model, lora_set, positive, negative, cfg_base, cfg_lora, gamma, gamma_schedule, end,
-                                mix),)
+                                mix, strategy),)

@@ -269,6 +269,43 @@ def test_autolora_guider_separate_cfg(env, setup):
                                                         pos, neg, 6.0))
 
 
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("cfg_base, cfg_lora, gamma", [(3.0, 6.0, 0.6), (1.0, 6.0, 0.6), (4.0, 1.0, -0.4)])
+def test_autolora_guider_strategies_equal_the_reference(env, setup, strategy, cfg_base, cfg_lora, gamma):
+    """Merged (a pass per branch, weights swapped) and unmerged (both branches' conds in ONE batched network call,
+    rows routed by cond) against the independent reference, including a branch whose cfg is 1 (core's shortcut:
+    its uncond is not evaluated). Network evaluations per step: 2 merged, 1 unmerged."""
+    model, names, pos, neg = setup
+    s = lora_set(names[:2], [0.9, 0.6])
+    (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=cfg_base,
+                          cfg_lora=cfg_lora, gamma=gamma, strategy=strategy)
+    got = sample_guider(guider, steps=3)
+    refs = [(baked(env, None), 1 - gamma), (baked(env, s), gamma)]
+    want = sample_guider(reference_guider(model, refs, [cfg_base, cfg_lora], pos, neg, cfg_lora), steps=3)
+    assert close(got, want), (got - want).abs().max().item()
+    assert guider.runtime.forwards[-1] == (6 if strategy == "merged" else 3)
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_autolora_guider_network_sees_cond_and_uncond_indices(env, setup, strategy):
+    """Attention patches that tell cond (0) from uncond (1) by ``cond_or_uncond`` see 0/1 for both branches, also
+    when the runtime batches [cond, uncond, cond, uncond] in one call (calc_cond_batch numbers them 0..3)."""
+    model, names, pos, neg = setup
+    seen = []
+
+    def attn1(q, k, v, extra_options):
+        seen.append(list(extra_options["cond_or_uncond"]))
+        return q, k, v
+
+    other = model.clone()
+    other.set_model_attn1_patch(attn1)
+    (guider,) = call_node("AutoLoraGuider", model=other, lora_set=lora_set(names[:1]), positive=pos, negative=neg,
+                          cfg_base=3.0, cfg_lora=5.0, gamma=0.5, strategy=strategy)
+    sample_guider(guider, steps=2)
+    per_call = [0, 1] if strategy == "merged" else [0, 0, 1, 1]  # in calc_cond_batch's order (it varies)
+    assert seen and all(sorted(s) == per_call for s in seen), seen[:3]
+
+
 def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     model, names, pos, neg = setup
     s = lora_set(names[:1])
@@ -360,4 +397,10 @@ def test_auto_strategy_choice(env, setup):
         runtime = composition.autolora_guidance(model, None, s, gamma)[2]
         assert runtime.chosen_strategy(cpu) == expected, gamma
         assert runtime.chosen_strategy(cuda) == "merged", gamma
+    guidance = env.engine("nodes.guidance")
+    for gamma, end, schedule, expected in ((0.5, 0.5, "constant", "unmerged"), (1.0, 1.0, "constant", "merged"),
+                                           (0.0, 0.0, "constant", "merged"), (0.0, 1.0, "linear", "unmerged"),
+                                           (1.0, 0.0, "constant", "merged")):  # constant: gamma_end is not used
+        runtime = guidance.autolora_guider(model, s, pos, neg, 4.0, 4.0, gamma, schedule, end).runtime
+        assert (runtime.chosen_strategy(cpu), runtime.chosen_strategy(cuda)) == (expected, "merged"), (gamma, end)
     assert composite.cached_sets == 0, "Composite never keeps a weight copy per LoRA"

@@ -5,7 +5,6 @@ import asyncio
 import re
 import shutil
 import tomllib
-from pathlib import Path
 
 import pytest
 

@@ -119,14 +119,15 @@ def test_other_packs_wrappers_and_cfg_functions_still_run(env, setup, node):
     assert calls["apply"] >= 4
 
 
-def test_autolora_guider_replays_pre_and_post_cfg_per_branch(env, setup):
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_autolora_guider_replays_pre_and_post_cfg_per_branch(env, setup, strategy):
     model, _, names, pos, neg = setup
     calls = {"pre": 0, "post": 0}
     other = model.clone()
     other.set_model_sampler_pre_cfg_function(lambda args: calls.__setitem__("pre", calls["pre"] + 1) or args["conds_out"])
     other.set_model_sampler_post_cfg_function(lambda args: calls.__setitem__("post", calls["post"] + 1) or args["denoised"])
     (guider,) = call_node("AutoLoraGuider", model=other, lora_set=lora_set(names[:1]), positive=pos, negative=neg,
-                          cfg_base=3.0, cfg_lora=5.0, gamma=0.5)
+                          cfg_base=3.0, cfg_lora=5.0, gamma=0.5, strategy=strategy)
     import comfy.sample
     import comfy.samplers
     latent = torch.zeros(1, 4, 8, 8)

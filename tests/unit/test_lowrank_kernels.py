@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kernels import dense, dispatch, lowrank, lowrank_routed
 from kernels.lowrank import ConvSpec, LowRankAdapter
-from kernels.lowrank_routed import PreparedLowRank, RowSegment, add_routed, plan_rows
+from kernels.lowrank_routed import PreparedLowRank, add_routed, plan_rows
 
 TOL = 1e-5
 N = 5
