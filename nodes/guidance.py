@@ -89,9 +89,11 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         return acc
 
     def _evaluate(self, components, pairs, x, timestep, model_options) -> list[list]:
-        """[cond, uncond] predictions per branch: one batched call (unmerged) or one call per branch (merged)."""
+        """[cond, uncond] predictions per branch: one batched call (unmerged) or one call per branch (merged, or a
+        pack's ``sampler_calc_cond_batch_function``, which is written for core's [cond, uncond] pairs — e.g. core's
+        SkipLayerGuidance unpacks exactly two — so it gets one pair per branch)."""
         run = self.runtime.run
-        if run is not None and run.hooks is not None:
+        if run is not None and run.hooks is not None and "sampler_calc_cond_batch_function" not in model_options:
             conds = [c for pair in pairs for c in pair]
             self.runtime.route_by_cond([(option, j) for _, option in components for j in (0, 1)])
             try:

@@ -306,6 +306,31 @@ def test_autolora_guider_network_sees_cond_and_uncond_indices(env, setup, strate
     assert seen and all(sorted(s) == per_call for s in seen), seen[:3]
 
 
+def test_autolora_guider_gives_a_custom_calc_function_one_pair_per_branch(env, setup):
+    """Another pack's ``sampler_calc_cond_batch_function`` is written for [cond, uncond] (core's SkipLayerGuidance
+    unpacks exactly two): an unmerged guider then evaluates branch by branch, same result as batched."""
+    import comfy.samplers
+
+    model, names, pos, neg = setup
+    sizes = []
+
+    def calc(args):
+        cond, uncond = args["conds"]
+        sizes.append(len(args["conds"]))
+        return comfy.samplers.calc_cond_batch(args["model"], [cond, uncond], args["input"], args["sigma"],
+                                              args["model_options"])
+
+    other = model.clone()
+    other.set_model_sampler_calc_cond_batch_function(calc)
+    outs = []
+    for m in (other, model):
+        (guider,) = call_node("AutoLoraGuider", model=m, lora_set=lora_set(names[:2]), positive=pos, negative=neg,
+                              cfg_base=3.0, cfg_lora=5.0, gamma=0.5, strategy="unmerged")
+        outs.append(sample_guider(guider, steps=2))
+    assert sizes == [2] * 4, "one [cond, uncond] pair per branch and step"
+    assert close(outs[0], outs[1])
+
+
 def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     model, names, pos, neg = setup
     s = lora_set(names[:1])
