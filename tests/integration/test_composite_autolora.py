@@ -331,6 +331,31 @@ def test_autolora_guider_gives_a_custom_calc_function_one_pair_per_branch(env, s
     assert close(outs[0], outs[1])
 
 
+def test_unmerged_routing_holds_with_area_and_mask_conditioning(env, setup):
+    """Area and mask conds make calc_cond_batch crop the input and split one step into several network calls (a
+    crop does not concatenate with the full latent), each with its own cond_or_uncond list: the unmerged rows must
+    still carry their own LoRAs in every call. Unmerged == merged (which is core patching, tested above) for
+    Composite, AutoLoraGuidance and AutoLoraGuider."""
+    model, names, pos, neg = setup
+    (area,) = call_node("ConditioningSetArea", conditioning=pos, width=32, height=24, x=16, y=8, strength=0.8)
+    (masked,) = call_node("ConditioningSetMask", conditioning=neg, mask=torch.linspace(0, 1, 64).reshape(8, 8),
+                          strength=1.0, set_cond_area="mask bounds")
+    (positive,) = call_node("ConditioningCombine", conditioning_1=pos, conditioning_2=area)
+    (negative,) = call_node("ConditioningCombine", conditioning_1=neg, conditioning_2=masked)
+    s = lora_set(names[:2], [0.9, 0.6])
+    outs = []
+    for strategy in ("merged", "unmerged"):
+        composite = call_node("LoraSetComposite", model=model, lora_set=s, strategy=strategy)[0]
+        auto = call_node("AutoLoraGuidance", model=model, lora_set=s, gamma=0.6, strategy=strategy)[0]
+        (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=positive, negative=negative,
+                              cfg_base=3.0, cfg_lora=5.0, gamma=0.6, strategy=strategy)
+        outs.append([sample_model(composite, positive, negative, 4.0, steps=2),
+                     sample_model(auto, positive, negative, 4.0, steps=2), sample_guider(guider, steps=2)])
+    assert guider.runtime.forwards[-1] > 2, "area/mask conds split a step into several network calls"
+    for merged, unmerged, what in zip(*outs, ("Composite", "AutoLoraGuidance", "AutoLoraGuider")):
+        assert close(unmerged, merged), (what, (unmerged - merged).abs().max().item())
+
+
 def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     model, names, pos, neg = setup
     s = lora_set(names[:1])
