@@ -68,7 +68,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, TARGET_MARKERS, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss)
+    SD15_LAYOUT, fmt_row, freeze_gc, lora_targets, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 
 MODEL_CHANNELS = {"default": 192, "quick": 32}
@@ -83,11 +83,6 @@ def model_config(quick: bool) -> dict:
 
 def lora_names() -> list[str]:
     return [f"bench_{i}_r{r}.safetensors" for i, r in enumerate(LORA_RANKS)]
-
-
-def lora_targets(model_sd: dict) -> list[str]:
-    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
-            and any(m in k for m in TARGET_MARKERS)]
 
 
 def write_loras(model_sd: dict, loras_dir: Path) -> list[str]:
@@ -258,16 +253,6 @@ def profile_runs(runner: Runner, k: int = 4) -> None:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
-def freeze_gc() -> None:
-    """Move ComfyUI's ~0.5 M start-up objects out of the collector's reach (``gc.freeze``).
-
-    Each run is preceded by ``gc.collect()`` so that a previous run's garbage never lands in a timed
-    region; with everything frozen that costs milliseconds instead of ~0.4 s, for both methods alike.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 def setup_process(threads: int) -> None:
     """Quiet ComfyUI's start-up (missing optional extras are logged as warnings) and pin torch threads."""
     logging.getLogger().setLevel(logging.ERROR)
@@ -302,10 +287,6 @@ def print_time_table(times: dict, variants: list, clock: str) -> tuple[float, fl
                        f"{c[0]:.3f}", f"{c[1]:.3f}", f"{c[2]:.3f}", f"{ratio:.3f}", f"{paired:.3f}", f"{best:.3f}"),
                       widths))
     return max(ratios), max(paired_ratios)
-
-
-def fmt_row(cells, widths):
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
 def main() -> None:

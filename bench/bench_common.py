@@ -1,13 +1,16 @@
 """What every benchmark script shares: the SD1.5-shaped UNet layout, the LoRA target layers, the Linux
-counters the peak-memory children read, and the device / timing options of the sampling benchmarks
-(``--device``, ``--keep-loaded``, ``--timing``, ``--budget-s``) with the clocks and loops behind them.
+counters the peak-memory children read, table and GC helpers, and for the sampling benchmarks the device /
+timing options (``--device``, ``--keep-loaded``, ``--timing``, ``--budget-s``) with the clocks and loops behind
+them and the common part of their method sets (``SamplingMethods``).
 
 Each ``bench_*.py`` runs as a script, so its folder is first on ``sys.path`` and ``import bench_common`` works.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import sys
+from pathlib import Path
 
 # SD1.5 layout (4 levels, 2 res blocks each, attention on the first 3 levels, conv proj_in/out), only narrower:
 # comfy's UNetModel pops one transformer_depth entry per input res block and one transformer_depth_output entry
@@ -94,6 +97,34 @@ def device_description(args) -> str:
     return f"{device}; model {'kept loaded between runs' if args.keep_loaded else 'unloaded before every run'}"
 
 
+def lora_targets(model_sd: dict) -> list[str]:
+    """The UNet weights every benchmark LoRA patches (``TARGET_MARKERS``)."""
+    from harness import lora_factory  # the scripts put tests/ on sys.path before importing this module
+
+    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
+            and any(m in k for m in TARGET_MARKERS)]
+
+
+def freeze_gc() -> None:
+    """Move ComfyUI's start-up objects (~0.5 M) out of the collector's reach (``gc.freeze``).
+
+    Each run is preceded by ``gc.collect()`` so that a previous run's garbage never lands in a timed region; with
+    everything frozen that costs milliseconds instead of ~0.4 s, for every method alike.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def fmt_row(cells, widths) -> str:
+    """One table row: the first cell left-aligned, the others right-aligned."""
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def relative_difference(a, b) -> float:
+    """max |a − b| / max |b| (the correctness guards' measure)."""
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+
 class RunMeter:
     """Wall and process-CPU clocks around one run; on CUDA they wait for the GPU at both ends, and the run's
     peak of ``torch.cuda.max_memory_allocated`` (whole process, model included) is recorded as well."""
@@ -123,6 +154,94 @@ class RunMeter:
             self.peak = torch.cuda.max_memory_allocated()
         self.wall = time.perf_counter() - self._t0
         self.cpu = time.process_time() - self._c0
+
+
+class SamplingMethods:
+    """The shared part of the sampling benchmarks' method sets: fixed noise, sigmas, random text conditioning and
+    latent; core's LoRA state dicts loaded once (as core's loader nodes keep them); pack LoRA sets; guider sampling
+    calls; and ``measure``, one run between the clocks with the model unloaded first (untimed) unless kept."""
+
+    def __init__(self, env, model, args, loras_dir: Path, *, sampler: str, scheduler: str, seed: int):
+        import comfy.model_management as mm
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        self.env, self.mm, self.model, self.loras_dir = env, mm, model, loras_dir
+        self.steps, self.device, self.keep_loaded = args.steps, args.device, args.keep_loaded
+        self.seed = seed
+        self.last_peak: int | None = None
+        self.ms = model.get_model_object("model_sampling")
+        self.sigmas = comfy.samplers.calculate_sigmas(self.ms, scheduler, self.steps)
+        self.sampler = comfy.samplers.sampler_object(sampler)
+        self.latent = torch.zeros(1, 4, args.latent, args.latent)
+        self.noise = comfy.sample.prepare_noise(self.latent, seed)
+        g = torch.Generator().manual_seed(7)
+        context_dim = SD15_LAYOUT["context_dim"]
+        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
+        self.negative = [[torch.randn(1, 77, context_dim, generator=g) * 0.5, {}]]
+        self._lora_sd: dict[str, dict] = {}
+
+    def lora_sd(self, name: str) -> dict:
+        """Core's LoRA state dict, loaded once and kept (as core's LoraLoader/CreateHookLora nodes keep it)."""
+        import comfy.utils
+
+        if name not in self._lora_sd:
+            self._lora_sd[name] = comfy.utils.load_torch_file(str(self.loras_dir / name), safe_load=True)
+        return self._lora_sd[name]
+
+    @staticmethod
+    def lora_set(names):
+        """A pack ``LORA_SET`` of these files (strength 1), through ``LoraSetLoad``."""
+        from harness.node_calls import call_node
+
+        s = None
+        for name in names:
+            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
+        return s
+
+    def warm_pack_cache(self, names) -> None:
+        """Read the files into the pack's cache (a loaded prompt keeps them too)."""
+        for entry in self.lora_set(names):
+            entry.tensors()
+
+    def sample_guider(self, guider):
+        """The sampling call of a built GUIDER (noise, latent, sigmas and seed of this benchmark)."""
+        def sample():
+            out = guider.sample(self.noise, self.latent, self.sampler, self.sigmas, denoise_mask=None, callback=None,
+                                disable_pbar=True, seed=self.seed)
+            return out.to(self.mm.intermediate_device())
+        return sample
+
+    def measure(self, fn, *a):
+        """(``RunMeter``, output) of ``fn(*a)``; its peak CUDA memory also in ``last_peak``."""
+        if not self.keep_loaded:
+            self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
+        gc.collect()
+        with RunMeter(self.device) as meter:
+            out = fn(*a)
+        self.last_peak = meter.peak
+        return meter, out
+
+
+def start_sampling_bench(args, title: str, name: str):
+    """Start ComfyUI over a fresh models folder and print the run's header; returns ``(env, models_dir)``."""
+    import os
+    import platform
+    import tempfile
+
+    from harness import comfy_env
+
+    models_dir = Path(tempfile.mkdtemp(prefix=f"lora-composer-bench-{name}-")) / "models"
+    env = comfy_env.start(models_dir=models_dir, quiet=False)
+    import comfy.ldm.modules.attention as comfy_attention
+    import torch
+
+    print(f"{title} — ComfyUI {env.version} ({env.describe()})")
+    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
+          f"{device_description(args)}")
+    return env, models_dir
 
 
 def add_budget_argument(parser) -> None:

@@ -74,13 +74,11 @@ import cProfile
 import gc
 import json
 import os
-import platform
 import pstats
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,10 +87,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    setup_process,
-    SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
-    device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss, runs_described, select_device,
-    time_steady)
+    SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
+    fmt_row, freeze_gc, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
+    reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench, time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -133,11 +130,6 @@ AUTOLORA_METHODS = {
 S_LABEL = "S  static LoraSetApply (1 LoRA)"
 
 
-def lora_targets(model_sd: dict) -> list[str]:
-    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
-            and any(m in k for m in TARGET_MARKERS)]
-
-
 def lora_name(index: int) -> str:
     return f"bench_composite_r{RANK}_{index}.safetensors"
 
@@ -152,20 +144,6 @@ def write_loras(model_sd: dict, loras_dir: Path, count: int) -> list[str]:
         lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=RANK, alpha=ALPHA, seed=500 + i)
         lora.save(loras_dir / lora_name(i))
     return targets
-
-
-def freeze_gc() -> None:
-    """Move start-up objects out of the collector's reach; every run starts with a cheap ``gc.collect()``."""
-    gc.collect()
-    gc.freeze()
-
-
-def fmt_row(cells, widths):
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-def relative_difference(a, b) -> float:
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
 
 
 # ------------------------------------------------------------------------------------ core guiders
@@ -277,70 +255,23 @@ def core_guider_classes():
 
 # ------------------------------------------------------------------------------------------ methods
 
-class Methods:
+class Methods(SamplingMethods):
     """Every method as one full run: build the MODEL/GUIDER, sample, return the latent."""
 
     def __init__(self, env, model, args, loras_dir: Path):
-        import comfy.model_management as mm
-        import comfy.sample
-        import comfy.samplers
-        import torch
-
-        self.env = env
-        self.mm = mm
-        self.model = model
-        self.steps = args.steps
-        self.loras_dir = loras_dir
-        self.device = args.device
-        self.keep_loaded = args.keep_loaded
-        self.last_peak: int | None = None
+        super().__init__(env, model, args, loras_dir, sampler=SAMPLER, scheduler=SCHEDULER, seed=SEED)
         self.patching = env.engine("nodes.patching")
-        self.ms = model.get_model_object("model_sampling")
-        self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
-        self.sampler = comfy.samplers.sampler_object(SAMPLER)
-        side = args.latent
-        self.latent = torch.zeros(1, 4, side, side)
-        self.noise = comfy.sample.prepare_noise(self.latent, SEED)
-        g = torch.Generator().manual_seed(7)
-        context_dim = SD15_LAYOUT["context_dim"]
-        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
-        self.negative = [[torch.randn(1, 77, context_dim, generator=g) * 0.5, {}]]
-        self._lora_sd: dict[str, dict] = {}
-
-    # -- helpers ---------------------------------------------------------------------------------
-    def lora_sd(self, name: str) -> dict:
-        """Core's LoRA state dict, loaded once and kept (as core's LoraLoader/CreateHookLora nodes keep it)."""
-        import comfy.utils
-
-        if name not in self._lora_sd:
-            self._lora_sd[name] = comfy.utils.load_torch_file(str(self.loras_dir / name), safe_load=True)
-        return self._lora_sd[name]
 
     def warm_caches(self, names) -> None:
         for name in names:
             self.lora_sd(name)
-        for entry in self.lora_set(names):
-            entry.tensors()
-
-    @staticmethod
-    def lora_set(names):
-        s = None
-        for name in names:
-            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
-        return s
+        self.warm_pack_cache(names)
 
     def sample_model(self, model):
         import comfy.sample
 
         return lambda: comfy.sample.sample_custom(model, self.noise, CFG, self.sampler, self.sigmas, self.positive,
                                                   self.negative, self.latent, disable_pbar=True, seed=SEED)
-
-    def sample_guider(self, guider):
-        def sample():
-            out = guider.sample(self.noise, self.latent, self.sampler, self.sigmas, denoise_mask=None, callback=None,
-                                disable_pbar=True, seed=SEED)
-            return out.to(self.mm.intermediate_device())
-        return sample
 
     # -- the methods: each prepares its MODEL / GUIDER and returns the sampling call --------------
     def static(self):
@@ -412,12 +343,7 @@ class Methods:
 
     def timed(self, fn, *a):
         """(wall seconds, output) of ``fn(*a)``; its peak CUDA memory in ``last_peak``."""
-        if not self.keep_loaded:
-            self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
-        gc.collect()
-        with RunMeter(self.device) as meter:
-            out = fn(*a)
-        self.last_peak = meter.peak
+        meter, out = self.measure(fn, *a)
         return meter.wall, out
 
 
@@ -705,7 +631,8 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
     print(f"{S_LABEL}: median {s:.3f} s (min {min(times[('S', 0)]):.3f})")
 
     print()
-    print("LoRA Composite: not run (--autolora-only)" if not args.ks else f"LoRA Composite — floor = k × S; targets: best Composite ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f} × floor, "
+    print("LoRA Composite: not run (--autolora-only)" if not args.ks else
+          f"LoRA Composite — floor = k × S; targets: best Composite ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f} × floor, "
           f"best Composite / CH < 1, best Composite / CR < 1")
     widths = (31, 8, 8, 9, 9, 9, 9)
     for k in args.ks:
@@ -777,16 +704,7 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-composite-"))
-    models_dir = work / "models"
-    env = comfy_env.start(models_dir=models_dir, quiet=False)
-    import comfy.ldm.modules.attention as comfy_attention
-    import torch
-
-    print(f"LoRA Composite / AutoLoRA benchmark — ComfyUI {env.version} ({env.describe()})")
-    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
-          f"{device_description(args)}")
+    env, models_dir = start_sampling_bench(args, "LoRA Composite / AutoLoRA benchmark", "composite")
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()

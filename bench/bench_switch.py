@@ -60,13 +60,11 @@ import gc
 import json
 import math
 import os
-import platform
 import pstats
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,10 +73,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    setup_process,
-    SD15_LAYOUT, TARGET_MARKERS, RunLog, RunMeter, add_budget_argument, add_device_arguments, add_timing_argument,
-    device_description, out_of_budget, proc_status as _proc_status, reset_peak_rss as _reset_peak_rss,
-    runs_described, select_device, time_steady)
+    SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
+    fmt_row, freeze_gc, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
+    reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
+    time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -110,21 +108,6 @@ METHODS = {  # key → label
     "D": "D core hook-group guider",
     "E": "E LoraSetSwitch unmerged",
 }
-
-
-def lora_targets(model_sd: dict) -> list[str]:
-    return [k for k in model_sd if k.startswith(lora_factory.DIFFUSION) and k.endswith(".weight")
-            and any(m in k for m in TARGET_MARKERS)]
-
-
-def freeze_gc() -> None:
-    """Move start-up objects out of the collector's reach; every run starts with a cheap ``gc.collect()``."""
-    gc.collect()
-    gc.freeze()
-
-
-def fmt_row(cells, widths):
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
 
 def build_model(args):
@@ -212,55 +195,13 @@ def hook_switch_guider_class():
     return HookSwitchGuider
 
 
-class Methods:
+class Methods(SamplingMethods):
     """Every method as one full run: build the MODEL/GUIDER, sample, return the latent."""
 
     def __init__(self, env, model, args, loras_dir: Path):
-        import comfy.model_management as mm
-        import comfy.sample
-        import comfy.samplers
-        import torch
-
-        self.env = env
-        self.mm = mm
-        self.model = model
-        self.steps = args.steps
+        super().__init__(env, model, args, loras_dir, sampler=SAMPLER, scheduler=SCHEDULER, seed=SEED)
         self.every = args.every
-        self.device = args.device
-        self.keep_loaded = args.keep_loaded
-        self.last_peak: int | None = None
-        self.loras_dir = loras_dir
-        self.ms = model.get_model_object("model_sampling")
-        self.sigmas = comfy.samplers.calculate_sigmas(self.ms, SCHEDULER, self.steps)
-        side = args.latent
-        self.latent = torch.zeros(1, 4, side, side)
-        self.noise = comfy.sample.prepare_noise(self.latent, SEED)
-        g = torch.Generator().manual_seed(7)
-        context_dim = SD15_LAYOUT["context_dim"]
-        self.positive = [[torch.randn(1, 77, context_dim, generator=g), {}]]
-        self.negative = [[torch.randn(1, 77, context_dim, generator=g) * 0.5, {}]]
-        self._lora_sd: dict[str, dict] = {}
         self.percents = [self.keyframe_percent(s) for s in range(self.steps)]
-
-    # -- helpers ---------------------------------------------------------------------------------
-    def lora_sd(self, name: str) -> dict:
-        """Core's LoRA state dict, loaded once and kept (as core's LoraLoader/CreateHookLora nodes keep it)."""
-        import comfy.utils
-
-        if name not in self._lora_sd:
-            self._lora_sd[name] = comfy.utils.load_torch_file(str(self.loras_dir / name), safe_load=True)
-        return self._lora_sd[name]
-
-    def warm_pack_cache(self, names) -> None:
-        for entry in self.lora_set(names):
-            entry.tensors()
-
-    @staticmethod
-    def lora_set(names):
-        s = None
-        for name in names:
-            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
-        return s
 
     def keyframe_percent(self, step: int) -> float:
         """A start_percent whose sigma lies in [σ_step, σ_step-1): the keyframe takes over exactly at ``step``."""
@@ -330,13 +271,8 @@ class Methods:
         import comfy.samplers
 
         groups = [comfy.hooks.create_hook_lora(self.lora_sd(name), 1.0, 1.0) for name in names]
-        guider = hook_switch_guider_class()(self.model, groups, self.every, self.positive, self.negative, CFG)
-
-        def sample():
-            out = guider.sample(self.noise, self.latent, comfy.samplers.sampler_object(SAMPLER), self.sigmas,
-                                denoise_mask=None, callback=None, disable_pbar=True, seed=SEED)
-            return out.to(self.mm.intermediate_device())
-        return sample
+        return self.sample_guider(hook_switch_guider_class()(self.model, groups, self.every, self.positive,
+                                                             self.negative, CFG))
 
     def prepare(self, method: str, rank: int):
         """Build a main-table method at ``rank``; returns its sampling call."""
@@ -367,12 +303,7 @@ class Methods:
 
     def timed(self, fn, *a):
         """((wall seconds, process CPU seconds), output) of one run; its peak CUDA memory in ``last_peak``."""
-        if not self.keep_loaded:
-            self.mm.unload_all_models()  # every run starts from an unloaded model (untimed)
-        gc.collect()
-        with RunMeter(self.device) as meter:
-            out = fn(*a)
-        self.last_peak = meter.peak
+        meter, out = self.measure(fn, *a)
         return (meter.wall, meter.cpu), out
 
 
@@ -547,10 +478,6 @@ def profile_switch(methods: Methods, rank: int) -> None:
 
 # -------------------------------------------------------------------------------------------- main
 
-def relative_difference(a, b) -> float:
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -594,16 +521,7 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="lora-composer-bench-switch-"))
-    models_dir = work / "models"
-    env = comfy_env.start(models_dir=models_dir, quiet=False)
-    import comfy.ldm.modules.attention as comfy_attention
-    import torch
-
-    print(f"LoRA Switch benchmark — ComfyUI {env.version} ({env.describe()})")
-    print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
-          f"{device_description(args)}")
+    env, models_dir = start_sampling_bench(args, "LoRA Switch benchmark", "switch")
     model = build_model(args)
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
