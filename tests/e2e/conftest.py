@@ -78,11 +78,4 @@ def e2e_server(env, tmp_path_factory, ui_workflows, workflow_defs):
     write_bad_files(base / "models")
     server = ComfyServer(env.root, base, frontend_root() or minimal_front_end)
     server.has_frontend = frontend_root() is not None
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
-    except RuntimeError as e:
-        server.stop()
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.stop()
+    yield from server.serve(timeout=180)

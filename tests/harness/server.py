@@ -83,6 +83,22 @@ class ComfyServer:
         raise RuntimeError(f"ComfyUI did not answer /object_info within {timeout:.0f} s.\n"
                            f"--- server log (tail) ---\n{self.log_tail()}")
 
+    def serve(self, timeout: float):
+        """Generator for a pytest fixture: start, wait until ready (a clear test failure with the log tail if it
+        never is), yield the server, stop it at teardown."""
+        import pytest
+
+        self.start()
+        try:
+            self.wait_ready(timeout=timeout)
+        except RuntimeError as e:
+            self.stop()
+            pytest.fail(str(e), pytrace=False)
+        try:
+            yield self
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return

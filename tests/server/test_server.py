@@ -45,15 +45,7 @@ def server(env, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy-server")
     front_end = prepare_base_directory(base, {PACK_DIR_NAME: REPO_ROOT, TESTING_PACK_DIR_NAME: HERE / "testing_pack"})
     write_test_loras(base / "models" / "loras")
-    comfy = ComfyServer(env.root, base, front_end)
-    comfy.start()
-    try:
-        comfy.wait_ready(timeout=120)
-    except RuntimeError as e:
-        comfy.stop()
-        pytest.fail(str(e), pytrace=False)
-    yield comfy
-    comfy.stop()
+    yield from ComfyServer(env.root, base, front_end).serve(timeout=120)
 
 
 @pytest.fixture(scope="module")
