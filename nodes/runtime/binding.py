@@ -18,6 +18,7 @@ wrappers compose with ours and the input MODEL is never modified.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -34,6 +35,14 @@ from .unmerged import Routing, UnmergedAdapters
 
 STRATEGIES = ("auto", "merged", "unmerged")
 _ids = itertools.count()
+log = logging.getLogger("LoRA Composer")
+
+# Base models (by id) whose weights a merged run of one of our runtimes is swapping right now → that runtime's key.
+# A second runtime stacked on the same model (e.g. LoraSetComposite → AutoLoraGuider) must not swap as well: each
+# swapper computes its weights from the Parameters it found and rewrites its own copies in place, so two would
+# overwrite each other's LoRAs. The second runs unmerged instead: its hooks add to the outputs of whatever weights
+# are in place, so the two compose exactly.
+_SWAPPING: dict[int, str] = {}
 
 Option = "int | tuple[float, ...] | None"  # an entry index, per-entry weights, or no LoRA
 Mixture = Sequence[tuple[float, object]]  # (coefficient, option) pairs
@@ -79,6 +88,7 @@ class AdapterRuntime:
         self.key = f"lora_composer.{label}.{next(_ids)}"
         self.run: RunState | None = None
         self.history: list[list[int]] = []  # steps seen per finished run (diagnostics and tests)
+        self.strategies: list[str] = []  # the strategy each run used
         self.forwards: list[int] = []  # network evaluations per finished run
 
     def attach(self, model_patcher):
@@ -119,8 +129,15 @@ class AdapterRuntime:
         base_model = guider.inner_model
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
-        if self.chosen_strategy(noise.device) == "merged":
+        strategy = self.chosen_strategy(noise.device)
+        if strategy == "merged" and id(base_model) in _SWAPPING:
+            if self.strategy == "merged":
+                log.warning("[LoRA Composer] %s: stacked on another LoRA Composer node that swaps merged weights "
+                            "(%s); running unmerged so that both apply.", self.key, _SWAPPING[id(base_model)])
+            strategy = "unmerged"
+        if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
+            _SWAPPING[id(base_model)] = self.key
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)
             run.hooks.install(base_model, noise.device)
@@ -130,8 +147,10 @@ class AdapterRuntime:
         finally:
             if run.swapper is not None:
                 run.swapper.restore()
+                _SWAPPING.pop(id(base_model), None)
             if run.hooks is not None:
                 run.hooks.remove()
+            self.strategies.append(strategy)
             self.history.append(run.steps_seen)
             self.forwards.append(run.forwards)
             self.run = None

@@ -356,6 +356,45 @@ def test_unmerged_routing_holds_with_area_and_mask_conditioning(env, setup):
         assert close(unmerged, merged), (what, (unmerged - merged).abs().max().item())
 
 
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_stacked_runtimes_compose_exactly(env, setup, strategy, caplog):
+    """LoraSetComposite (LoRAs 1, 2) → AutoLoraGuider (LoRA 3) on its output: the guider's LoRA branch is
+    Composite's average with LoRA 3 on top. Two merged swappers on one model would overwrite each other's LoRAs, so
+    the second to start runs unmerged (logged when merged was asked for). Against the independent reference
+    0.5·CFG₃(avg(W+Δ1, W+Δ2)) + 0.5·CFG₅(avg(W+Δ1+Δ3, W+Δ2+Δ3)); base weights bit-identical afterwards."""
+    import comfy.samplers
+
+    model, names, pos, neg = setup
+    before = weights_snapshot(model.model)
+    composition = env.engine("nodes.composition")
+    comp, _, comp_runtime, _ = composition.composite_lora_set(model, None, lora_set(names[:2]), strategy=strategy)
+    (guider,) = call_node("AutoLoraGuider", model=comp, lora_set=lora_set(names[2:3]), positive=pos, negative=neg,
+                          cfg_base=3.0, cfg_lora=5.0, gamma=0.5, strategy=strategy)
+    with caplog.at_level(logging.WARNING):
+        got = sample_guider(guider, steps=2)
+    strategies = sorted([comp_runtime.strategies[-1], guider.runtime.strategies[-1]])
+    assert strategies == (["merged", "unmerged"] if strategy == "merged" else ["unmerged", "unmerged"])
+    assert any("stacked on another LoRA Composer node" in r.getMessage() for r in caplog.records) == (
+        strategy == "merged")
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+    m1, m2 = baked(env, lora_set(names[0:1])), baked(env, lora_set(names[1:2]))
+    m13, m23 = baked(env, lora_set([names[0], names[2]])), baked(env, lora_set([names[1], names[2]]))
+
+    class Reference(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            def guided(m, cfg):
+                return comfy.samplers.sampling_function(m, x, timestep, self.conds["negative"],
+                                                        self.conds["positive"], cfg, model_options, seed)
+            return 0.25 * (guided(m1, 3.0) + guided(m2, 3.0)) + 0.25 * (guided(m13, 5.0) + guided(m23, 5.0))
+
+    ref = Reference(model)
+    ref.set_conds(pos, neg)
+    ref.set_cfg(5.0)
+    want = sample_guider(ref, steps=2)
+    assert close(got, want), (got - want).abs().max().item()
+
+
 def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     model, names, pos, neg = setup
     s = lora_set(names[:1])
