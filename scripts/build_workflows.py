@@ -279,7 +279,8 @@ def autolora_guider(g: Graph) -> None:
            "ε̂_base = CFG(base; cfg_base), ε̂_LoRA = CFG(LoRA; cfg_lora), ε = ε̂_base + γ_t(ε̂_LoRA − ε̂_base). "
            "Here γ ramps linearly from 0.3 (first step) to 0.8 (last): diverse composition from the base model "
            "early, the LoRA's look late. 'blend-then-cfg' is the other reading of the paper. The badge counts the "
-           "network evaluations per step (4; 3 when one branch has CFG 1).\n\nThe paper's equations and γ values "
+           "evaluations per step (4: base and LoRA, cond and uncond; 3 when one branch has CFG 1); with "
+           "strategy 'auto' they run as one batched network call on CPUs, one call per branch on GPUs.\n\nThe paper's equations and γ values "
            "could not be verified (algorithms.md §2); these settings are a starting point, equal CFG scales as "
            "the simplest variant.")
 
