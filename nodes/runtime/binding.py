@@ -122,6 +122,31 @@ class AdapterRuntime:
             return len(self.mixture(0))
         return max(1, self.branches)
 
+    def strategy_for_run(self, guider, base_model, device: torch.device) -> str:
+        """``chosen_strategy``, except that a merged swap is not possible next to something else that rewrites
+        the same weights during the run; then the hooks (which add to the layers' outputs) run instead:
+
+        * another of our runtimes already swapping this model's weights (stacked nodes, see ``_SWAPPING``);
+        * ComfyUI's hook LoRAs on the conditioning (``CreateHookLora`` → ``Set CLIP Hooks`` / cond hooks): core
+          copies hook-patched weights *into* whatever Parameters are in the model and later copies its backups
+          back into whatever Parameters are there then — with a swap in between, into the model's own weights
+          (a leak of the LoRA into the base model, measured before this rule).
+        """
+        strategy = self.chosen_strategy(device)
+        if strategy != "merged":
+            return strategy
+        reason = None
+        if id(base_model) in _SWAPPING:
+            reason = f"stacked on another LoRA Composer node that swaps merged weights ({_SWAPPING[id(base_model)]})"
+        elif any(getattr(p, "hook_patches", None) for p in (getattr(guider, "model_patcher", None),
+                                                             getattr(base_model, "current_patcher", None))):
+            reason = "ComfyUI hook LoRAs on the conditioning rewrite the same weights during sampling"
+        if reason is None:
+            return strategy
+        if self.strategy == "merged":
+            log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
+        return "unmerged"
+
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
         guider, sigmas, extra_args, _callback, noise = args[:5]
@@ -129,12 +154,7 @@ class AdapterRuntime:
         base_model = guider.inner_model
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
-        strategy = self.chosen_strategy(noise.device)
-        if strategy == "merged" and id(base_model) in _SWAPPING:
-            if self.strategy == "merged":
-                log.warning("[LoRA Composer] %s: stacked on another LoRA Composer node that swaps merged weights "
-                            "(%s); running unmerged so that both apply.", self.key, _SWAPPING[id(base_model)])
-            strategy = "unmerged"
+        strategy = self.strategy_for_run(guider, base_model, noise.device)
         if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
             _SWAPPING[id(base_model)] = self.key

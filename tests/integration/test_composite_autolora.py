@@ -395,6 +395,46 @@ def test_stacked_runtimes_compose_exactly(env, setup, strategy, caplog):
     assert close(got, want), (got - want).abs().max().item()
 
 
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_core_hook_loras_on_the_conditioning_compose_and_leave_no_trace(env, setup, node, caplog):
+    """ComfyUI's hook LoRAs (``create_hook_lora`` on both conds, strength 1 at every step) act like a static LoRA,
+    so each node over hooked conds must equal the same node over the model with that LoRA applied statically. Core
+    copies hook-patched weights into the model's Parameters and its backups back at the end, which a merged swap
+    turned into a leak (the Switch's LoRA baked into the base weights); merged is asked for, unmerged runs, with a
+    warning. Base weights bit-identical afterwards."""
+    import comfy.hooks
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    model, names, pos, neg = setup
+    before = weights_snapshot(model.model)
+    hook = comfy.hooks.create_hook_lora(comfy.utils.load_torch_file(folder_paths.get_full_path("loras", names[2]),
+                                                                    safe_load=True), 1.0, 1.0)
+    hooked_pos, hooked_neg = (comfy.hooks.set_hooks_for_conditioning(c, hook) for c in (pos, neg))
+    static = call_node("LoraSetApply", model=model, lora_set=lora_set(names[2:3]))[0]
+    s = lora_set(names[:2])
+    extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"}, "AutoLoraGuidance": {"gamma": 0.6}}
+    outs = []
+    for base, p, n in ((model, hooked_pos, hooked_neg), (static, pos, neg)):
+        if node == "AutoLoraGuider":
+            (guider,) = call_node(node, model=base, lora_set=s, positive=p, negative=n, cfg_base=3.0, cfg_lora=5.0,
+                                  gamma=0.6, strategy="merged")
+            with caplog.at_level(logging.WARNING):
+                outs.append(sample_guider(guider, steps=3))
+        else:
+            m = call_node(node, model=base, lora_set=s, strategy="merged", **extra.get(node, {}))[0]
+            with caplog.at_level(logging.WARNING):
+                outs.append(sample_model(m, p, n, 4.0, steps=3))
+        if base is model:
+            assert any("ComfyUI hook LoRAs" in r.getMessage() for r in caplog.records)
+            caplog.clear()
+    mm.unload_all_models()
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items()), "base weights changed"
+    assert close(outs[0], outs[1]), (outs[0] - outs[1]).abs().max().item()
+    assert not any("ComfyUI hook LoRAs" in r.getMessage() for r in caplog.records), "no hooks: merged as asked"
+
+
 def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     model, names, pos, neg = setup
     s = lora_set(names[:1])
