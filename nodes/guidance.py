@@ -71,38 +71,46 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         components = autolora_mixture(self.current_gamma(model_options), self.count)
+        options = [option for _, option in components]
         pos, neg = self.conds.get("positive"), self.conds.get("negative")
         if self.mix == "blend-then-cfg":  # both branches' cond and uncond are blended, then one CFG with cfg_lora
-            outs = self._evaluate(components, [[pos, neg]] * len(components), x, timestep, model_options)
+            outs = self._evaluate(options, [[pos, neg]] * len(options), x, timestep, model_options)
             cond = sum(c * out[0] for (c, _), out in zip(components, outs))
             uncond = sum(c * out[1] for (c, _), out in zip(components, outs))
+            self.runtime.activate(options[-1])  # CFG functions that call the model (SAG, PAG) see the LoRA branch
             return self._guide([pos, neg], [cond, uncond], self.cfg_lora, x, timestep, model_options)
-        scales = [self.cfg_base if option is None else self.cfg_lora for _, option in components]
+        scales = [self.cfg_base if option is None else self.cfg_lora for option in options]
         # core's cfg = 1 shortcut, per branch: that branch's uncond is not evaluated
         pairs = [[pos, None if _skips_uncond(scale, model_options) else neg] for scale in scales]
-        outs = self._evaluate(components, pairs, x, timestep, model_options)
+        outs = self._evaluate(options, pairs, x, timestep, model_options) if self._batches(model_options) else None
         acc = None
-        for (coefficient, _), pair, out, scale in zip(components, pairs, outs, scales):
+        for i, ((coefficient, option), pair, scale) in enumerate(zip(components, pairs, scales)):
+            # this branch's weights for its own evaluation and for CFG functions that call the model (SAG, PAG)
+            self.runtime.activate(option)
+            out = outs[i] if outs is not None else self._calc(pair, x, timestep, model_options)
             guided = self._guide(pair, out, scale, x, timestep, model_options)
             term = guided if coefficient == 1.0 else guided * coefficient
             acc = term if acc is None else acc + term
         return acc
 
-    def _evaluate(self, components, pairs, x, timestep, model_options) -> list[list]:
-        """[cond, uncond] predictions per branch: one batched call (unmerged) or one call per branch (merged, or a
-        pack's ``sampler_calc_cond_batch_function``, which is written for core's [cond, uncond] pairs — e.g. core's
-        SkipLayerGuidance unpacks exactly two — so it gets one pair per branch)."""
+    def _batches(self, model_options) -> bool:
+        """Unmerged runs evaluate all branches in one call, unless a pack's ``sampler_calc_cond_batch_function`` is
+        set: it is written for core's [cond, uncond] pairs (core's SkipLayerGuidance unpacks exactly two)."""
         run = self.runtime.run
-        if run is not None and run.hooks is not None and "sampler_calc_cond_batch_function" not in model_options:
+        return run is not None and run.hooks is not None and "sampler_calc_cond_batch_function" not in model_options
+
+    def _evaluate(self, options, pairs, x, timestep, model_options) -> list[list]:
+        """[cond, uncond] predictions per branch: one batched call, or one call per branch with its weights."""
+        if self._batches(model_options):
             conds = [c for pair in pairs for c in pair]
-            self.runtime.route_by_cond([(option, j) for _, option in components for j in (0, 1)])
+            self.runtime.route_by_cond([(option, j) for option in options for j in (0, 1)])
             try:
                 out = self._calc(conds, x, timestep, model_options)
             finally:
                 self.runtime.route_by_cond(None)
             return [out[2 * i:2 * i + 2] for i in range(len(pairs))]
         outs = []
-        for (_, option), pair in zip(components, pairs):
+        for option, pair in zip(options, pairs):
             self.runtime.activate(option)
             outs.append(self._calc(pair, x, timestep, model_options))
         return outs

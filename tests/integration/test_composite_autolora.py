@@ -286,6 +286,38 @@ def test_autolora_guider_strategies_equal_the_reference(env, setup, strategy, cf
     assert guider.runtime.forwards[-1] == (6 if strategy == "merged" else 3)
 
 
+@pytest.mark.parametrize("mix", ["cfg-then-blend", "blend-then-cfg"])
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_autolora_guider_cfg_functions_that_call_the_model_see_their_branch(env, setup, strategy, mix):
+    """Post-CFG functions such as core's SAG and PAG evaluate the model again (``calc_cond_batch`` on
+    ``args["model"]``): in cfg-then-blend each branch's call must see that branch's weights (base or LoRA), as in
+    the reference where each branch is its own model; blend-then-cfg's one CFG runs with the LoRA branch."""
+    import comfy.samplers
+
+    model, names, pos, neg = setup
+
+    def post_cfg(args):  # depends on which model answers the extra call
+        (extra,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
+                                                  args["model_options"])
+        return args["denoised"] + 0.3 * (extra - args["uncond_denoised"])
+
+    other = model.clone()
+    other.set_model_sampler_post_cfg_function(post_cfg)
+    s = lora_set(names[:2], [0.9, 0.6])
+    cfgs = (3.0, 6.0) if mix == "cfg-then-blend" else (6.0, 6.0)
+    (guider,) = call_node("AutoLoraGuider", model=other, lora_set=s, positive=pos, negative=neg, cfg_base=cfgs[0],
+                          cfg_lora=cfgs[1], gamma=0.6, mix=mix, strategy=strategy)
+    got = sample_guider(guider, steps=3)
+    if mix == "cfg-then-blend":
+        refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
+        want = sample_guider(reference_guider(other, refs, list(cfgs), pos, neg, cfgs[1]), steps=3)
+    else:
+        (merged_guider,) = call_node("AutoLoraGuider", model=other, lora_set=s, positive=pos, negative=neg,
+                                     cfg_base=6.0, cfg_lora=6.0, gamma=0.6, mix=mix, strategy="merged")
+        want = sample_guider(merged_guider, steps=3)
+    assert close(got, want), (got - want).abs().max().item()
+
+
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_autolora_guider_network_sees_cond_and_uncond_indices(env, setup, strategy):
     """Attention patches that tell cond (0) from uncond (1) by ``cond_or_uncond`` see 0/1 for both branches, also
