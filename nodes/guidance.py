@@ -94,10 +94,21 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         return acc
 
     def _batches(self, model_options) -> bool:
-        """Unmerged runs evaluate all branches in one call, unless a pack's ``sampler_calc_cond_batch_function`` is
-        set: it is written for core's [cond, uncond] pairs (core's SkipLayerGuidance unpacks exactly two)."""
+        """Unmerged runs evaluate all branches in one call, except:
+
+        * a pack's ``sampler_calc_cond_batch_function`` is set: it is written for core's [cond, uncond] pairs (core's
+          SkipLayerGuidance unpacks exactly two);
+        * CFG functions run next to attention patches: they may pass state from the network call to the CFG step
+          (core's SAG records the uncond attention map in its attention patch and reads it in its post-CFG
+          function), which one call over both branches would share between them.
+        """
         run = self.runtime.run
-        return run is not None and run.hooks is not None and "sampler_calc_cond_batch_function" not in model_options
+        if run is None or run.hooks is None or "sampler_calc_cond_batch_function" in model_options:
+            return False
+        transformer = model_options.get("transformer_options", {})
+        stateful = (model_options.get("sampler_pre_cfg_function") or model_options.get("sampler_post_cfg_function")) \
+            and (transformer.get("patches") or transformer.get("patches_replace"))
+        return not stateful
 
     def _evaluate(self, options, pairs, x, timestep, model_options) -> list[list]:
         """[cond, uncond] predictions per branch: one batched call, or one call per branch with its weights."""

@@ -318,6 +318,25 @@ def test_autolora_guider_cfg_functions_that_call_the_model_see_their_branch(env,
     assert close(got, want), (got - want).abs().max().item()
 
 
+@pytest.mark.parametrize("patch", ["SelfAttentionGuidance", "PerturbedAttentionGuidance"])
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+def test_autolora_guider_with_core_sag_and_pag(env, setup, strategy, patch):
+    """Core's SAG records the uncond attention map in an attention patch during the network call and reads it in
+    its post-CFG function; PAG calls the model again with a perturbed attention. Per branch, each must act as on
+    that branch's own model (the reference); an unmerged run therefore evaluates branch by branch when CFG functions
+    and attention patches meet, instead of sharing one batched call (where SAG saw one branch's map)."""
+    model, names, pos, neg = setup
+    options = {"scale": 0.5, "blur_sigma": 2.0} if patch == "SelfAttentionGuidance" else {"scale": 2.0}
+    (patched,) = call_node(patch, model=model, **options)
+    s = lora_set(names[:2], [0.9, 0.6])
+    (guider,) = call_node("AutoLoraGuider", model=patched, lora_set=s, positive=pos, negative=neg, cfg_base=3.0,
+                          cfg_lora=5.0, gamma=0.6, strategy=strategy)
+    got = sample_guider(guider, steps=3)
+    refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
+    want = sample_guider(reference_guider(patched, refs, [3.0, 5.0], pos, neg, 5.0), steps=3)
+    assert close(got, want), (got - want).abs().max().item()
+
+
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_autolora_guider_network_sees_cond_and_uncond_indices(env, setup, strategy):
     """Attention patches that tell cond (0) from uncond (1) by ``cond_or_uncond`` see 0/1 for both branches, also
