@@ -19,7 +19,7 @@ import comfy.samplers
 from .composition import autolora_mixture, check_gamma
 from .lora_set import LoraSet, require_nonempty
 from .patching import model_patch_lists, resolve_set
-from .runtime.binding import AdapterRuntime
+from .runtime.binding import AdapterRuntime, cfg_reads_network_state
 
 GAMMA_SCHEDULES = ("constant", "linear", "cosine")
 MIX_MODES = ("cfg-then-blend", "blend-then-cfg")
@@ -105,10 +105,7 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         run = self.runtime.run
         if run is None or run.hooks is None or "sampler_calc_cond_batch_function" in model_options:
             return False
-        transformer = model_options.get("transformer_options", {})
-        stateful = (model_options.get("sampler_pre_cfg_function") or model_options.get("sampler_post_cfg_function")) \
-            and (transformer.get("patches") or transformer.get("patches_replace"))
-        return not stateful
+        return not cfg_reads_network_state(model_options)
 
     def _evaluate(self, options, pairs, x, timestep, model_options) -> list[list]:
         """[cond, uncond] predictions per branch: one batched call, or one call per branch with its weights."""

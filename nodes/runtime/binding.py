@@ -48,6 +48,16 @@ Option = "int | tuple[float, ...] | None"  # an entry index, per-entry weights, 
 Mixture = Sequence[tuple[float, object]]  # (coefficient, option) pairs
 
 
+def cfg_reads_network_state(model_options: dict) -> bool:
+    """CFG functions next to attention patches: they may pass state from the network call to the CFG step (core's
+    SAG records the uncond attention map in its attention patch and reads it in its post-CFG function). Then each
+    option must get a network call of its own, in a fixed order, so that every strategy hands the CFG step the same
+    state."""
+    transformer = model_options.get("transformer_options", {})
+    cfg_functions = model_options.get("sampler_pre_cfg_function") or model_options.get("sampler_post_cfg_function")
+    return bool(cfg_functions and (transformer.get("patches") or transformer.get("patches_replace")))
+
+
 @dataclass
 class RunState:
     tracker: StepTracker
@@ -56,6 +66,7 @@ class RunState:
     routing: Routing = field(default_factory=Routing)
     step: int = 0
     reverse: bool = False  # merged mixtures alternate their component order between calls (one swap fewer)
+    stateful_cfg: bool = False  # this model call's CFG step reads state from the network call (see above)
     cond_routes: "list[tuple[object, int]] | None" = None  # per cond index: (option, index the model sees)
     steps_seen: list[int] = field(default_factory=list)
     forwards: int = 0  # network evaluations (APPLY_MODEL executions), for diagnostics
@@ -212,6 +223,7 @@ class AdapterRuntime:
         if run is not None:
             run.step = run.tracker.step_for_call(timestep)
             run.steps_seen.append(run.step)
+            run.stateful_cfg = cfg_reads_network_state(model_options or {})
             if self.select is not None:
                 self.activate(self.select(run.step))
         return executor(x, timestep, model_options, seed, *args, **kwargs)
@@ -226,19 +238,19 @@ class AdapterRuntime:
             run.forwards += 1
             return executor(*args, **kwargs)
         components = list(self.mixture(run.step))
-        if run.swapper is not None or len(components) == 1:
+        if run.swapper is not None or len(components) == 1 or run.stateful_cfg:
             return self._sequential(run, components, executor, args, kwargs)
         return self._batched(run, components, executor, args, kwargs)
 
     def _sequential(self, run, components, executor, args, kwargs):
-        """One network evaluation per component, weights swapped in between.
+        """One network evaluation per component, weights swapped (merged) or rows routed (unmerged) in between.
 
         Every other call visits the components backwards, so the weights active at the end of one call serve the
         first evaluation of the next: k − 1 swaps per call instead of k. The terms are summed in the components'
         order either way, so the result does not depend on the visiting order.
         """
         order = range(len(components))
-        if run.reverse:
+        if run.reverse and not run.stateful_cfg:  # in set order when the CFG step reads the network's state
             order = reversed(order)
         run.reverse = not run.reverse
         outs = [None] * len(components)

@@ -337,6 +337,19 @@ def test_autolora_guider_with_core_sag_and_pag(env, setup, strategy, patch):
     assert close(got, want), (got - want).abs().max().item()
 
 
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
+def test_model_patch_mixtures_with_core_sag_agree_across_strategies(env, setup, node):
+    """SAG on a mixture's model call sees one component's attention map (README): with CFG functions next to
+    attention patches both strategies evaluate the components one by one in set order, so merged (GPU default)
+    and unmerged (CPU default) give the same image."""
+    model, names, pos, neg = setup
+    (patched,) = call_node("SelfAttentionGuidance", model=model, scale=0.5, blur_sigma=2.0)
+    extra = {"gamma": 0.6} if node == "AutoLoraGuidance" else {}
+    outs = [sample_model(call_node(node, model=patched, lora_set=lora_set(names[:2]), strategy=strategy, **extra)[0],
+                         pos, neg, 4.0, steps=3) for strategy in ("merged", "unmerged")]
+    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+
+
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 def test_autolora_guider_network_sees_cond_and_uncond_indices(env, setup, strategy):
     """Attention patches that tell cond (0) from uncond (1) by ``cond_or_uncond`` see 0/1 for both branches, also
