@@ -66,6 +66,27 @@ def transformer_options_copy(args: tuple, kwargs: dict) -> tuple[tuple, dict, di
     return args, kwargs, None
 
 
+def with_fresh_control(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """APPLY_MODEL arguments whose ControlNet residuals sit in new lists (the same tensors).
+
+    The UNet consumes ``control["input"|"middle"|"output"]`` with ``list.pop()``, so a second evaluation of the
+    same call's arguments would run without ControlNet; every sequential evaluation gets its own lists.
+    """
+    if len(args) > 4 and isinstance(args[4], dict):
+        args = args[:4] + (_fresh(args[4]),) + args[5:]
+    if isinstance(kwargs.get("control"), dict):
+        kwargs = {**kwargs, "control": _fresh(kwargs["control"])}
+    return args, kwargs
+
+
+def _fresh(value):
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    return value
+
+
 def fold(output: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
     """Σ_c coefficient_c · output[c-th block of rows]."""
     m = len(coefficients)

@@ -256,7 +256,8 @@ class AdapterRuntime:
         outs = [None] * len(components)
         for i in order:
             self.activate(components[i][1])
-            outs[i] = executor(*args, **kwargs)
+            call_args, call_kwargs = batching.with_fresh_control(args, kwargs)  # the UNet pops ControlNet's lists
+            outs[i] = executor(*call_args, **call_kwargs)
             run.forwards += 1
         acc = None
         for (coefficient, _), out in zip(components, outs):

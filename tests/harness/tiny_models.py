@@ -57,6 +57,21 @@ def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | Non
                                             offload_device=mm.unet_offload_device())
 
 
+def build_sd15_controlnet(seed: int = 5):
+    """A core ``comfy.controlnet.ControlNet`` over a tiny ``cldm.ControlNet`` shaped like ``SD15_TINY`` (RGB hint,
+    8× compression), with random weights so that it changes the UNet's output."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_TINY.items()
+              if k not in ("out_channels", "use_temporal_attention", "use_temporal_resblock")}
+    net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, num_heads=8, device=torch.device("cpu"),
+                                     operations=comfy.ops.disable_weight_init)
+    init_weights_(net, seed=seed)
+    return comfy.controlnet.ControlNet(net, load_device=torch.device("cpu"), manual_cast_dtype=None)
+
+
 def build_sd15_clip(seed: int = 1):
     import comfy.sd
     import comfy.sd1_clip

@@ -15,7 +15,7 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
+from harness.tiny_models import build_sd15_clip, build_sd15_controlnet, build_unet, weights_snapshot
 
 REL = 1e-5
 SEED_MODEL = 91
@@ -348,6 +348,36 @@ def test_model_patch_mixtures_with_core_sag_agree_across_strategies(env, setup, 
     outs = [sample_model(call_node(node, model=patched, lora_set=lora_set(names[:2]), strategy=strategy, **extra)[0],
                          pos, neg, 4.0, steps=3) for strategy in ("merged", "unmerged")]
     assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_controlnet_reaches_every_lora_evaluation(env, setup, node, strategy):
+    """A ControlNet on the conds (core's ControlNetApplyAdvanced): the UNet consumes its residual lists with
+    ``pop()``, so a merged mixture's second evaluation of the same model call ran without ControlNet (0.59 abs off
+    the reference for Composite) until each evaluation got its own lists. Against per-LoRA models."""
+    model, names, pos, neg = setup
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    cpos, cneg = call_node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=build_sd15_controlnet(),
+                           image=image, strength=1.0, start_percent=0.0, end_percent=1.0)[:2]
+    s = lora_set(names[:2], [0.9, 0.6])
+    if node == "AutoLoraGuider":
+        (guider,) = call_node(node, model=model, lora_set=s, positive=cpos, negative=cneg, cfg_base=3.0,
+                              cfg_lora=5.0, gamma=0.6, strategy=strategy)
+        got = sample_guider(guider, steps=3)
+        refs, cfgs = [(baked(env, None), 0.4), (baked(env, s), 0.6)], [3.0, 5.0]
+    elif node == "AutoLoraGuidance":
+        got = sample_model(call_node(node, model=model, lora_set=s, gamma=0.6, strategy=strategy)[0], cpos, cneg, 4.0,
+                           steps=3)
+        refs, cfgs = [(baked(env, None), 0.4), (baked(env, s), 0.6)], [4.0, 4.0]
+    else:
+        got = sample_model(call_node(node, model=model, lora_set=s, strategy=strategy)[0], cpos, cneg, 4.0, steps=3)
+        refs = [(baked(env, lora_set(names[0:1], [0.9])), 0.5), (baked(env, lora_set(names[1:2], [0.6])), 0.5)]
+        cfgs = [4.0, 4.0]
+    want = sample_guider(reference_guider(model, refs, cfgs, cpos, cneg, cfgs[-1]), steps=3)
+    without = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3)
+    assert not close(without, want, 1e-3), "the ControlNet must change the result"
+    assert close(got, want), (got - want).abs().max().item()
 
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
