@@ -73,23 +73,23 @@ def reference_guider(model, models_and_weights, cfgs, pos, neg, cfg):
     return g
 
 
-def sample_guider(guider, sampler_name="euler", steps=4, seed=3):
+def sample_guider(guider, sampler_name="euler", steps=4, seed=3, batch=1):
     import comfy.sample
     import comfy.samplers
 
-    latent = torch.zeros(1, 4, 8, 8)
+    latent = torch.zeros(batch, 4, 8, 8)
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
     return guider.sample(comfy.sample.prepare_noise(latent, seed), latent, comfy.samplers.sampler_object(sampler_name),
                          sigmas, disable_pbar=True, seed=seed)
 
 
-def sample_model(model, pos, neg, cfg, sampler_name="euler", steps=4, seed=3):
+def sample_model(model, pos, neg, cfg, sampler_name="euler", steps=4, seed=3, batch=1):
     import comfy.samplers
 
     g = comfy.samplers.CFGGuider(model)
     g.set_conds(pos, neg)
     g.set_cfg(cfg)
-    return sample_guider(g, sampler_name, steps, seed)
+    return sample_guider(g, sampler_name, steps, seed, batch)
 
 
 def close(a, b, rel=REL):
@@ -377,6 +377,31 @@ def test_controlnet_reaches_every_lora_evaluation(env, setup, node, strategy):
     want = sample_guider(reference_guider(model, refs, cfgs, cpos, cneg, cfgs[-1]), steps=3)
     without = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3)
     assert not close(without, want, 1e-3), "the ControlNet must change the result"
+    assert close(got, want), (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_latent_batch_of_two(env, setup, node, strategy):
+    """Two latents with their own noise: every row of the routed batches keeps its own LoRAs (against the
+    per-LoRA models)."""
+    model, names, pos, neg = setup
+    s = lora_set(names[:2], [0.9, 0.6])
+    if node == "AutoLoraGuider":
+        (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0, cfg_lora=5.0,
+                              gamma=0.6, strategy=strategy)
+        got = sample_guider(guider, steps=3, batch=2)
+    else:
+        extra = {"gamma": 0.6} if node == "AutoLoraGuidance" else {}
+        got = sample_model(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg, 4.0,
+                           steps=3, batch=2)
+    if node == "LoraSetComposite":
+        refs = [(baked(env, lora_set(names[0:1], [0.9])), 0.5), (baked(env, lora_set(names[1:2], [0.6])), 0.5)]
+    else:
+        refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
+    cfgs = [3.0, 5.0] if node == "AutoLoraGuider" else [4.0, 4.0]
+    want = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3, batch=2)
+    assert not torch.allclose(want[0], want[1]), "the two rows have their own noise"
     assert close(got, want), (got - want).abs().max().item()
 
 
