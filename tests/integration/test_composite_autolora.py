@@ -15,7 +15,8 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.tiny_models import build_sd15_clip, build_sd15_controlnet, build_unet, weights_snapshot
+from harness.tiny_models import (SDXL_SAMPLING_OVERRIDES, build_sd15_clip, build_sd15_controlnet, build_sdxl_clip,
+                                 build_unet, weights_snapshot)
 
 REL = 1e-5
 SEED_MODEL = 91
@@ -403,6 +404,42 @@ def test_latent_batch_of_two(env, setup, node, strategy):
     want = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3, batch=2)
     assert not torch.allclose(want[0], want[1]), "the two rows have their own noise"
     assert close(got, want), (got - want).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def sdxl_setup(env):
+    """A class-conditional tiny SDXL (``y``: pooled text + size embedding), its CLIP-L+G and two attention LoRAs."""
+    model = build_unet("sdxl", seed=11, config_overrides=SDXL_SAMPLING_OVERRIDES)
+    clip = build_sdxl_clip(seed=12)
+    sd = model.model.state_dict()
+    names = []
+    for i in range(2):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=1.0, seed=300 + i)
+        lora.amplified(8)
+        lora.save(env.models_dir / "loras" / f"cp_xl_{i}.safetensors")
+        names.append(f"cp_xl_{i}.safetensors")
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return model, names, pos, neg
+
+
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_sdxl_sampling_unmerged_equals_merged(env, sdxl_setup, node):
+    """SDXL's extra conditioning (``y``) travels with every routed row: unmerged == merged (core patching math)."""
+    model, names, pos, neg = sdxl_setup
+    s = lora_set(names)
+    outs = []
+    for strategy in ("merged", "unmerged"):
+        if node == "AutoLoraGuider":
+            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0,
+                                  cfg_lora=5.0, gamma=0.6, strategy=strategy)
+            outs.append(sample_guider(guider, steps=3))
+        else:
+            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
+                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
+            outs.append(sample_model(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg,
+                                     4.0, steps=3))
+    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
 
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
