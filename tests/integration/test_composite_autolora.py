@@ -423,11 +423,8 @@ def sdxl_setup(env):
     return model, names, pos, neg
 
 
-@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
-def test_sdxl_sampling_unmerged_equals_merged(env, sdxl_setup, node):
-    """SDXL's extra conditioning (``y``) travels with every routed row: unmerged == merged (core patching math)."""
-    model, names, pos, neg = sdxl_setup
-    s = lora_set(names)
+def unmerged_and_merged(node, model, s, pos, neg):
+    """One node's sampled latents with strategy merged and unmerged (3 euler steps)."""
     outs = []
     for strategy in ("merged", "unmerged"):
         if node == "AutoLoraGuider":
@@ -439,7 +436,40 @@ def test_sdxl_sampling_unmerged_equals_merged(env, sdxl_setup, node):
                      "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
             outs.append(sample_model(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg,
                                      4.0, steps=3))
-    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+    return outs
+
+
+ALL_NODES = ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"]
+
+
+@pytest.mark.parametrize("node", ALL_NODES)
+def test_sdxl_sampling_unmerged_equals_merged(env, sdxl_setup, node):
+    """SDXL's extra conditioning (``y``) travels with every routed row: unmerged == merged (core patching math)."""
+    model, names, pos, neg = sdxl_setup
+    merged, unmerged = unmerged_and_merged(node, model, lora_set(names), pos, neg)
+    assert close(unmerged, merged), (unmerged - merged).abs().max().item()
+
+
+@pytest.mark.parametrize("node", ALL_NODES)
+def test_inpainting_model_unmerged_equals_merged(env, node):
+    """An inpainting UNet (9 input channels: the concat latent and mask ride along as ``c_concat``)."""
+    import node_helpers
+
+    model, clip = build_unet("sd15", seed=21, config_overrides={"in_channels": 9}), build_sd15_clip(seed=22)
+    sd = model.model.state_dict()
+    names = []
+    for i in range(2):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=1.0, seed=400 + i)
+        lora.amplified(8)
+        lora.save(env.models_dir / "loras" / f"cp_inpaint_{i}.safetensors")
+        names.append(f"cp_inpaint_{i}.safetensors")
+    g = torch.Generator().manual_seed(4)
+    values = {"concat_latent_image": torch.randn(1, 4, 8, 8, generator=g),
+              "concat_mask": torch.rand(1, 1, 64, 64, generator=g)}
+    pos, neg = (node_helpers.conditioning_set_values(clip.encode_from_tokens_scheduled(clip.tokenize(t)), values)
+                for t in ("a cat", "blurry"))
+    merged, unmerged = unmerged_and_merged(node, model, lora_set(names), pos, neg)
+    assert close(unmerged, merged), (unmerged - merged).abs().max().item()
 
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
