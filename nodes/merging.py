@@ -69,13 +69,36 @@ def layer_contributions(model, clip, lora_set: LoraSet) -> dict[str, tuple[objec
             if strength == 0:
                 continue
             for target, patch in group.items():
-                if not isinstance(target, str):
-                    raise ValueError(f"{entry.name}: merging fused-layer (offset) patches such as {target[0]} "
-                                     "is not supported; apply this LoRA with 'Apply LoRA set' instead.")
-                layers.setdefault(target, (owner, []))[1].append(Contribution(entry, patch, strength))
+                key, patch = _whole_weight_patch(entry, owner, target, patch)
+                layers.setdefault(key, (owner, []))[1].append(Contribution(entry, patch, strength))
     if not layers:
         raise ValueError("lora_set: every strength or block weight is 0, nothing to merge.")
     return layers
+
+
+def _whole_weight_patch(entry: LoraEntry, owner, target, patch) -> tuple[str, object]:
+    """``(key, patch)`` on the whole weight. A target ``(key, (0, start, size))`` — core's mapping of diffusers
+    Flux/SD3 ``to_q``/``to_k``/``to_v``/``proj_mlp`` onto the fused ``qkv``/``linear1`` rows — becomes the same
+    LoRA with its up factor zero-padded to the fused rows: exactly the same ΔW, so the slices of one fused weight
+    merge like any other LoRAs on it (concat stacks them exactly)."""
+    if isinstance(target, str):
+        return target, patch
+    key, offset = target[0], target[1] if len(target) > 1 else None
+    function = target[2] if len(target) > 2 else None
+    if offset is None and function is None:
+        return key, patch
+    weights = getattr(patch, "weights", None)
+    plain = (getattr(patch, "name", None) == "lora" and isinstance(weights, tuple) and len(weights) >= 5
+             and weights[3] is None and weights[4] is None and (len(weights) < 6 or weights[5] is None))
+    if function is not None or not plain or offset[0] != 0:
+        raise ValueError(f"{entry.name}: merging this kind of fused-layer patch ({type(patch).__name__} on a slice "
+                         f"of {key}) is not supported; apply this LoRA with 'Apply LoRA set' instead.")
+    _dim, start, size = offset
+    up = weights[0]
+    rows = original_weight(owner, key).shape[0]
+    padded = torch.zeros((rows, *up.shape[1:]), dtype=up.dtype)
+    padded[start:start + size] = up
+    return key, type(patch)(patch.loaded_keys, (padded, *weights[1:]))
 
 
 def exact_delta(patcher, key: str, contribution: Contribution, strength: float | None = None) -> torch.Tensor:

@@ -58,6 +58,26 @@ def _target_name(target) -> str:
     return target if isinstance(target, str) else target[0]
 
 
+def _patched_shape(target, weight_shape: torch.Size) -> torch.Size | None:
+    """The shape a patch must fit, or None if its slice lies outside the weight. A target ``(key, (dim, start,
+    size), …)`` patches a slice of the weight: core maps diffusers Flux/SD3 files' separate ``to_q``/``to_k``/
+    ``to_v`` (and ``proj_mlp``) onto slices of the fused ``qkv`` / ``linear1`` weights that way."""
+    offset = target[1] if isinstance(target, tuple) and len(target) > 1 else None
+    if offset is None:
+        return weight_shape
+    dim, start, size = offset
+    if dim >= len(weight_shape) or start + size > weight_shape[dim]:
+        return None
+    shape = list(weight_shape)
+    shape[dim] = size
+    return torch.Size(shape)
+
+
+def _fits(patch, target, weight_shape: torch.Size) -> bool:
+    shape = _patched_shape(target, weight_shape)
+    return shape is not None and _delta_shape_fits(patch, shape)
+
+
 def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
     """Cheap shape check for the low-rank families; other patch types are trusted to core."""
     name = getattr(patch, "name", None)
@@ -114,11 +134,11 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     for target, patch in patches.items():
         key = _target_name(target)
         if key in model_sd:
-            if not _delta_shape_fits(patch, model_sd[key].shape):
+            if not _fits(patch, target, model_sd[key].shape):
                 mismatched.append(key)
             result.model[target] = patch
         elif clip_sd is not None and key in clip_sd:
-            if not _delta_shape_fits(patch, clip_sd[key].shape):
+            if not _fits(patch, target, clip_sd[key].shape):
                 mismatched.append(key)
             result.clip[target] = patch
     accepted = {_target_name(t) for t in (*result.model, *result.clip)}

@@ -57,6 +57,33 @@ def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | Non
                                             offload_device=mm.unet_offload_device())
 
 
+# A tiny Flux (DiT): one double and one single block. mlp_ratio stays 4 because core's diffusers key map
+# (comfy.utils.flux_to_diffusers) slices proj_mlp as hidden_size * 4 rows of single_blocks.linear1.
+FLUX_TINY = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,
+             "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+             "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+
+
+def build_flux(seed: int = 0):
+    """A ModelPatcher over a tiny ``comfy.supported_models.Flux`` model (16-channel latents, guidance input)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = dict(FLUX_TINY)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []  # a required field in newer ComfyUI (0.9.2), absent in 0.3.64
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def build_sd15_controlnet(seed: int = 5):
     """A core ``comfy.controlnet.ControlNet`` over a tiny ``cldm.ControlNet`` shaped like ``SD15_TINY`` (RGB hint,
     8× compression), with random weights so that it changes the UNet's output."""

@@ -1,0 +1,131 @@
+"""A DiT model ComfyUI maps (a tiny Flux): loading in kohya and diffusers key styles, and the composition nodes.
+
+Diffusers-style Flux files (diffusers, ai-toolkit, most Flux LoRAs in the wild) name separate ``to_q`` / ``to_k`` /
+``to_v`` / ``proj_mlp`` layers that core maps onto *slices* of the fused ``qkv`` / ``linear1`` weights (patch
+targets ``(key, (dim, start, size))``); the pack refused every such file before (its shape check compared a slice's
+LoRA with the whole fused weight). Oracles: core's own ``load_lora_for_models`` (bit for bit) and merged vs
+unmerged execution (fp32, 1e-5 relative).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node, load_set as lora_set
+from harness.tiny_models import FLUX_TINY, build_flux, weights_snapshot
+
+REL = 1e-5
+H = FLUX_TINY["hidden_size"]
+# diffusers module → (out, in): double block 0 (image and text streams, output projections) and single block 0
+DIFFUSERS_MODULES = {
+    "transformer_blocks.0.attn.to_q": (H, H), "transformer_blocks.0.attn.to_k": (H, H),
+    "transformer_blocks.0.attn.to_v": (H, H), "transformer_blocks.0.attn.add_q_proj": (H, H),
+    "transformer_blocks.0.attn.add_v_proj": (H, H), "transformer_blocks.0.attn.to_out.0": (H, H),
+    "single_transformer_blocks.0.attn.to_q": (H, H), "single_transformer_blocks.0.attn.to_k": (H, H),
+    "single_transformer_blocks.0.proj_mlp": (4 * H, H),
+}
+
+
+@pytest.fixture(scope="module")
+def flux(env):
+    model = build_flux(seed=0)
+    sd = model.model.state_dict()
+    targets = [k for k in sd if k.startswith(lf.DIFFUSION) and k.endswith(".weight") and sd[k].ndim == 2
+               and ("attn" in k or "linear" in k)]
+    for i in range(2):
+        lora = lf.make_lora(sd, targets, "kohya", rank=2, alpha=1.0, seed=500 + i)
+        lora.amplified(8)
+        lora.save(env.models_dir / "loras" / f"flux_kohya_{i}.safetensors")
+        g = torch.Generator().manual_seed(600 + i)
+        tensors = {}
+        for module, (out_features, in_features) in DIFFUSERS_MODULES.items():
+            tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(2, in_features, generator=g) * 0.3
+            tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
+        save_file(tensors, str(env.models_dir / "loras" / f"flux_diffusers_{i}.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    pos, neg = ([[torch.randn(1, 7, FLUX_TINY["context_in_dim"], generator=g),
+                  {"pooled_output": torch.randn(1, FLUX_TINY["vec_in_dim"], generator=g), "guidance": 3.5}]]
+                for _ in range(2))
+    return model, pos, neg
+
+
+def sample(model_or_guider, pos=None, neg=None, cfg=3.0, steps=3):
+    import comfy.sample
+    import comfy.samplers
+
+    guider = model_or_guider
+    if pos is not None:
+        guider = comfy.samplers.CFGGuider(model_or_guider)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(cfg)
+    latent = torch.zeros(1, 16, 8, 8)
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "simple", steps)
+    return guider.sample(comfy.sample.prepare_noise(latent, 3), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                         disable_pbar=True, seed=3)
+
+
+def close(a, b, rel=REL):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers"])
+def test_flux_lora_applies_like_core(env, flux, style):
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    model, pos, neg = flux
+    name = f"flux_{style}_0.safetensors"
+    core, _ = comfy.sd.load_lora_for_models(model.clone(), None, comfy.utils.load_torch_file(
+        folder_paths.get_full_path("loras", name), safe_load=True), 1.0, 0.0)
+    ours, _clip, _report = call_node("LoraSetApply", model=model, lora_set=lora_set([name]))
+    sliced = [k for k, plist in ours.patches.items() if any(p[3] is not None for p in plist)]
+    assert bool(sliced) == (style == "diffusers"), "diffusers files patch slices of the fused weights"
+    assert ours.patches.keys() == core.patches.keys()
+    got, want, base = sample(ours, pos, neg), sample(core, pos, neg), sample(model, pos, neg)
+    assert torch.equal(got, want)
+    assert not close(got, base, 1e-3), "the LoRA must change the output"
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers"])
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_flux_composition_unmerged_equals_merged(env, flux, node, style):
+    model, pos, neg = flux
+    before = weights_snapshot(model.model)
+    s = lora_set([f"flux_{style}_{i}.safetensors" for i in range(2)])
+    outs = []
+    for strategy in ("merged", "unmerged"):
+        if node == "AutoLoraGuider":
+            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0,
+                                  cfg_lora=3.0, gamma=0.6, strategy=strategy)
+            outs.append(sample(guider))
+        else:
+            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
+                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
+            outs.append(sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg))
+    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
+def test_slice_targets_are_checked_against_their_slice(env):
+    patching = env.engine("nodes.patching")
+    fused = torch.Size([3 * H, H])
+    assert patching._patched_shape(("k", (0, 2 * H, H)), fused) == torch.Size([H, H])
+    assert patching._patched_shape(("k", (0, 2 * H + 1, H)), fused) is None, "a slice past the end does not fit"
+    assert patching._patched_shape("k", fused) == fused
+    assert patching._patched_shape(("k", None), fused) == fused
+
+
+@pytest.mark.parametrize("method", ["linear", "concat", "svd"])
+def test_diffusers_flux_loras_merge_into_whole_fused_weights(env, flux, method):
+    """The slice LoRAs (to_q/to_k/to_v → fused qkv rows) merge as zero-padded whole-weight LoRAs: the merged LoRA
+    (svd at a rank that holds the sum) samples like the two files applied statically."""
+    model, pos, neg = flux
+    s = lora_set([f"flux_diffusers_{i}.safetensors" for i in range(2)])
+    merged = call_node("LoraSetMerge", model=model, lora_set=s, method=method, rank=64, density=0.5, seed=0)[0]
+    got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg)
+    want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg)
+    assert close(got, want), (got - want).abs().max().item()
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in {k.rsplit(".", 2)[0] for k in merged.entries[0].tensors()}
