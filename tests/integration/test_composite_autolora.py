@@ -406,18 +406,24 @@ def test_latent_batch_of_two(env, setup, node, strategy):
     assert close(got, want), (got - want).abs().max().item()
 
 
+def two_attention_loras(env, model, prefix: str, seed: int) -> list[str]:
+    """Two strong rank-2 kohya LoRAs on every attention layer of ``model``, written to the loras folder."""
+    sd = model.model.state_dict()
+    names = []
+    for i in range(2):
+        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=1.0, seed=seed + i)
+        lora.amplified(8)
+        lora.save(env.models_dir / "loras" / f"{prefix}_{i}.safetensors")
+        names.append(f"{prefix}_{i}.safetensors")
+    return names
+
+
 @pytest.fixture(scope="module")
 def sdxl_setup(env):
     """A class-conditional tiny SDXL (``y``: pooled text + size embedding), its CLIP-L+G and two attention LoRAs."""
     model = build_unet("sdxl", seed=11, config_overrides=SDXL_SAMPLING_OVERRIDES)
     clip = build_sdxl_clip(seed=12)
-    sd = model.model.state_dict()
-    names = []
-    for i in range(2):
-        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=1.0, seed=300 + i)
-        lora.amplified(8)
-        lora.save(env.models_dir / "loras" / f"cp_xl_{i}.safetensors")
-        names.append(f"cp_xl_{i}.safetensors")
+    names = two_attention_loras(env, model, "cp_xl", 300)
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
     return model, names, pos, neg
@@ -456,13 +462,7 @@ def test_inpainting_model_unmerged_equals_merged(env, node):
     import node_helpers
 
     model, clip = build_unet("sd15", seed=21, config_overrides={"in_channels": 9}), build_sd15_clip(seed=22)
-    sd = model.model.state_dict()
-    names = []
-    for i in range(2):
-        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=1.0, seed=400 + i)
-        lora.amplified(8)
-        lora.save(env.models_dir / "loras" / f"cp_inpaint_{i}.safetensors")
-        names.append(f"cp_inpaint_{i}.safetensors")
+    names = two_attention_loras(env, model, "cp_inpaint", 400)
     g = torch.Generator().manual_seed(4)
     values = {"concat_latent_image": torch.randn(1, 4, 8, 8, generator=g),
               "concat_mask": torch.rand(1, 1, 64, 64, generator=g)}
