@@ -73,8 +73,12 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         components = autolora_mixture(self.current_gamma(model_options), self.count)
         options = [option for _, option in components]
         pos, neg = self.conds.get("positive"), self.conds.get("negative")
+        together = self._batches(model_options)
         if self.mix == "blend-then-cfg":  # both branches' cond and uncond are blended, then one CFG with cfg_lora
-            outs = self._evaluate(options, [[pos, neg]] * len(options), x, timestep, model_options)
+            pairs = [[pos, neg]] * len(options)
+            outs = (self._evaluate_together(options, pairs, x, timestep, model_options) if together else
+                    [self._evaluate_one(option, pair, x, timestep, model_options)
+                     for option, pair in zip(options, pairs)])
             cond = sum(c * out[0] for (c, _), out in zip(components, outs))
             uncond = sum(c * out[1] for (c, _), out in zip(components, outs))
             self.runtime.activate(options[-1])  # CFG functions that call the model (SAG, PAG) see the LoRA branch
@@ -82,12 +86,14 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
         scales = [self.cfg_base if option is None else self.cfg_lora for option in options]
         # core's cfg = 1 shortcut, per branch: that branch's uncond is not evaluated
         pairs = [[pos, None if _skips_uncond(scale, model_options) else neg] for scale in scales]
-        outs = self._evaluate(options, pairs, x, timestep, model_options) if self._batches(model_options) else None
+        outs = self._evaluate_together(options, pairs, x, timestep, model_options) if together else None
         acc = None
         for i, ((coefficient, option), pair, scale) in enumerate(zip(components, pairs, scales)):
-            # this branch's weights for its own evaluation and for CFG functions that call the model (SAG, PAG)
-            self.runtime.activate(option)
-            out = outs[i] if outs is not None else self._calc(pair, x, timestep, model_options)
+            if outs is not None:
+                out = outs[i]
+                self.runtime.activate(option)  # for CFG functions that call the model (SAG, PAG)
+            else:
+                out = self._evaluate_one(option, pair, x, timestep, model_options)
             guided = self._guide(pair, out, scale, x, timestep, model_options)
             term = guided if coefficient == 1.0 else guided * coefficient
             acc = term if acc is None else acc + term
@@ -107,21 +113,20 @@ class AutoLoraCFGGuider(comfy.samplers.CFGGuider):
             return False
         return not cfg_reads_network_state(model_options)
 
-    def _evaluate(self, options, pairs, x, timestep, model_options) -> list[list]:
-        """[cond, uncond] predictions per branch: one batched call, or one call per branch with its weights."""
-        if self._batches(model_options):
-            conds = [c for pair in pairs for c in pair]
-            self.runtime.route_by_cond([(option, j) for option in options for j in (0, 1)])
-            try:
-                out = self._calc(conds, x, timestep, model_options)
-            finally:
-                self.runtime.route_by_cond(None)
-            return [out[2 * i:2 * i + 2] for i in range(len(pairs))]
-        outs = []
-        for option, pair in zip(options, pairs):
-            self.runtime.activate(option)
-            outs.append(self._calc(pair, x, timestep, model_options))
-        return outs
+    def _evaluate_together(self, options, pairs, x, timestep, model_options) -> list[list]:
+        """[cond, uncond] predictions per branch from one batched call, rows routed by cond (unmerged runs)."""
+        conds = [c for pair in pairs for c in pair]
+        self.runtime.route_by_cond([(option, j) for option in options for j in (0, 1)])
+        try:
+            out = self._calc(conds, x, timestep, model_options)
+        finally:
+            self.runtime.route_by_cond(None)
+        return [out[2 * i:2 * i + 2] for i in range(len(pairs))]
+
+    def _evaluate_one(self, option, pair, x, timestep, model_options) -> list:
+        """One branch's [cond, uncond] predictions with its weights active (they stay active for its CFG step)."""
+        self.runtime.activate(option)
+        return self._calc(pair, x, timestep, model_options)
 
     def _calc(self, conds, x, timestep, model_options) -> list:
         """Core's ``sampling_function`` evaluation step: a pack's ``sampler_calc_cond_batch_function`` if set."""

@@ -28,7 +28,7 @@ import torch
 from ..kernels import merge_math
 from .lora_keys import kohya_names
 from .lora_set import LoraEntry, LoraSet, memory_entry, require_nonempty
-from .patching import group_by_block_weight, model_family, resolve_set
+from .patching import group_by_block_weight, model_family, resolve_set, target_parts
 
 MERGE_METHODS = ("linear", "concat", "svd", "ties", "dare")
 METHODS_WITH_RANK = ("svd", "ties", "dare")
@@ -81,16 +81,11 @@ def _whole_weight_patch(entry: LoraEntry, owner, target, patch) -> tuple[str, ob
     Flux/SD3 ``to_q``/``to_k``/``to_v``/``proj_mlp`` onto the fused ``qkv``/``linear1`` rows — becomes the same
     LoRA with its up factor zero-padded to the fused rows: exactly the same ΔW, so the slices of one fused weight
     merge like any other LoRAs on it (concat stacks them exactly)."""
-    if isinstance(target, str):
-        return target, patch
-    key, offset = target[0], target[1] if len(target) > 1 else None
-    function = target[2] if len(target) > 2 else None
+    key, offset, function = target_parts(target)
     if offset is None and function is None:
         return key, patch
-    weights = getattr(patch, "weights", None)
-    plain = (getattr(patch, "name", None) == "lora" and isinstance(weights, tuple) and len(weights) >= 5
-             and weights[3] is None and weights[4] is None and (len(weights) < 6 or weights[5] is None))
-    if function is not None or not plain or offset[0] != 0:
+    weights = _plain_lora_weights(patch)
+    if function is not None or weights is None or offset[0] != 0:
         raise ValueError(f"{entry.name}: merging this kind of fused-layer patch ({type(patch).__name__} on a slice "
                          f"of {key}) is not supported; apply this LoRA with 'Apply LoRA set' instead.")
     _dim, start, size = offset
@@ -109,15 +104,24 @@ def exact_delta(patcher, key: str, contribution: Contribution, strength: float |
     return patched.float() - base
 
 
-def scaled_factors(contribution: Contribution) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(up, down, c) with ΔW = c·up@down for plain LoRA/LoCon patches; None for anything else."""
-    patch = contribution.patch
+def _plain_lora_weights(patch) -> tuple | None:
+    """The weights ``(up, down, alpha, …)`` of a plain LoRA/LoCon patch (no Tucker mid, DoRA scale or reshape);
+    None for anything else."""
     if getattr(patch, "name", None) != "lora":
         return None
-    up, down, alpha, mid, dora_scale = patch.weights[:5]
-    reshape = patch.weights[5] if len(patch.weights) > 5 else None
-    if mid is not None or dora_scale is not None or reshape is not None:
+    weights = patch.weights
+    reshape = weights[5] if len(weights) > 5 else None
+    if weights[3] is not None or weights[4] is not None or reshape is not None:
         return None
+    return weights
+
+
+def scaled_factors(contribution: Contribution) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(up, down, c) with ΔW = c·up@down for plain LoRA/LoCon patches; None for anything else."""
+    weights = _plain_lora_weights(contribution.patch)
+    if weights is None:
+        return None
+    up, down, alpha = weights[:3]
     scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
     return up.float(), down.float(), contribution.strength * scale
 

@@ -54,15 +54,23 @@ def model_family(model_patcher) -> str:
     return type(model_patcher.model.model_config).__name__ if model_patcher is not None else "none"
 
 
+def target_parts(target) -> tuple[str, tuple[int, int, int] | None, object]:
+    """``(key, offset, function)`` of a ``load_lora`` target: a weight key, or ``(key, (dim, start, size)[, fn])``
+    when the patch covers a slice of the weight (core's mapping of fused layers, e.g. diffusers Flux files)."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], target[1] if len(target) > 1 else None, target[2] if len(target) > 2 else None
+
+
 def _target_name(target) -> str:
-    return target if isinstance(target, str) else target[0]
+    return target_parts(target)[0]
 
 
 def _patched_shape(target, weight_shape: torch.Size) -> torch.Size | None:
     """The shape a patch must fit, or None if its slice lies outside the weight. A target ``(key, (dim, start,
     size), …)`` patches a slice of the weight: core maps diffusers Flux/SD3 files' separate ``to_q``/``to_k``/
     ``to_v`` (and ``proj_mlp``) onto slices of the fused ``qkv`` / ``linear1`` weights that way."""
-    offset = target[1] if isinstance(target, tuple) and len(target) > 1 else None
+    offset = target_parts(target)[1]
     if offset is None:
         return weight_shape
     dim, start, size = offset
@@ -206,8 +214,7 @@ def model_patch_lists(entry: LoraEntry, patches: EntryPatches) -> dict[str, list
         if weight == 0:
             continue
         for target, patch in group.items():
-            key, offset, function = (target, None, None) if isinstance(target, str) else (
-                target[0], target[1], target[2] if len(target) > 2 else None)
+            key, offset, function = target_parts(target)
             lists.setdefault(key, []).append((entry.strength_model * weight, patch, 1.0, offset, function))
     return lists
 
