@@ -193,12 +193,9 @@ class SamplingMethods:
     @staticmethod
     def lora_set(names):
         """A pack ``LORA_SET`` of these files (strength 1), through ``LoraSetLoad``."""
-        from harness.node_calls import call_node
+        from harness.node_calls import load_set
 
-        s = None
-        for name in names:
-            (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0, lora_set=s)
-        return s
+        return load_set(names)
 
     def warm_pack_cache(self, names) -> None:
         """Read the files into the pack's cache (a loaded prompt keeps them too)."""

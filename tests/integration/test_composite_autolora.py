@@ -93,6 +93,22 @@ def sample_model(model, pos, neg, cfg, sampler_name="euler", steps=4, seed=3, ba
     return sample_guider(g, sampler_name, steps, seed, batch)
 
 
+# What sample_node builds each composition node with (the guider has its own CFG scales; MODEL nodes sample at 4).
+NODE_INPUTS = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"}, "AutoLoraGuidance": {"gamma": 0.6},
+               "AutoLoraGuider": {"cfg_base": 3.0, "cfg_lora": 5.0, "gamma": 0.6}}
+MODEL_CFG = 4.0
+
+
+def sample_node(node, model, s, pos, neg, strategy, steps=3, batch=1):
+    """Build ``node`` over ``model`` with LoRA set ``s`` (settings from NODE_INPUTS) and sample it."""
+    inputs = NODE_INPUTS.get(node, {})
+    if node == "AutoLoraGuider":
+        (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, strategy=strategy, **inputs)
+        return sample_guider(guider, steps=steps, batch=batch)
+    m = call_node(node, model=model, lora_set=s, strategy=strategy, **inputs)[0]
+    return sample_model(m, pos, neg, MODEL_CFG, steps=steps, batch=batch)
+
+
 def close(a, b, rel=REL):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
@@ -351,6 +367,17 @@ def test_model_patch_mixtures_with_core_sag_agree_across_strategies(env, setup, 
     assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
 
 
+def per_lora_reference(env, node, names, s):
+    """(models and weights, CFG scales) of ``reference_guider`` for ``node`` over ``s`` = LoRAs 0 and 1 at 0.9 / 0.6
+    with NODE_INPUTS: Composite averages the two LoRA models, AutoLoRA blends base and LoRA model with γ 0.6."""
+    if node == "LoraSetComposite":
+        refs = [(baked(env, lora_set(names[0:1], [0.9])), 0.5), (baked(env, lora_set(names[1:2], [0.6])), 0.5)]
+    else:
+        refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
+    inputs = NODE_INPUTS.get(node, {})
+    return refs, [inputs.get("cfg_base", MODEL_CFG), inputs.get("cfg_lora", MODEL_CFG)]
+
+
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 @pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
 def test_controlnet_reaches_every_lora_evaluation(env, setup, node, strategy):
@@ -362,19 +389,8 @@ def test_controlnet_reaches_every_lora_evaluation(env, setup, node, strategy):
     cpos, cneg = call_node("ControlNetApplyAdvanced", positive=pos, negative=neg, control_net=build_sd15_controlnet(),
                            image=image, strength=1.0, start_percent=0.0, end_percent=1.0)[:2]
     s = lora_set(names[:2], [0.9, 0.6])
-    if node == "AutoLoraGuider":
-        (guider,) = call_node(node, model=model, lora_set=s, positive=cpos, negative=cneg, cfg_base=3.0,
-                              cfg_lora=5.0, gamma=0.6, strategy=strategy)
-        got = sample_guider(guider, steps=3)
-        refs, cfgs = [(baked(env, None), 0.4), (baked(env, s), 0.6)], [3.0, 5.0]
-    elif node == "AutoLoraGuidance":
-        got = sample_model(call_node(node, model=model, lora_set=s, gamma=0.6, strategy=strategy)[0], cpos, cneg, 4.0,
-                           steps=3)
-        refs, cfgs = [(baked(env, None), 0.4), (baked(env, s), 0.6)], [4.0, 4.0]
-    else:
-        got = sample_model(call_node(node, model=model, lora_set=s, strategy=strategy)[0], cpos, cneg, 4.0, steps=3)
-        refs = [(baked(env, lora_set(names[0:1], [0.9])), 0.5), (baked(env, lora_set(names[1:2], [0.6])), 0.5)]
-        cfgs = [4.0, 4.0]
+    got = sample_node(node, model, s, cpos, cneg, strategy)
+    refs, cfgs = per_lora_reference(env, node, names, s)
     want = sample_guider(reference_guider(model, refs, cfgs, cpos, cneg, cfgs[-1]), steps=3)
     without = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3)
     assert not close(without, want, 1e-3), "the ControlNet must change the result"
@@ -388,19 +404,8 @@ def test_latent_batch_of_two(env, setup, node, strategy):
     per-LoRA models)."""
     model, names, pos, neg = setup
     s = lora_set(names[:2], [0.9, 0.6])
-    if node == "AutoLoraGuider":
-        (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0, cfg_lora=5.0,
-                              gamma=0.6, strategy=strategy)
-        got = sample_guider(guider, steps=3, batch=2)
-    else:
-        extra = {"gamma": 0.6} if node == "AutoLoraGuidance" else {}
-        got = sample_model(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg, 4.0,
-                           steps=3, batch=2)
-    if node == "LoraSetComposite":
-        refs = [(baked(env, lora_set(names[0:1], [0.9])), 0.5), (baked(env, lora_set(names[1:2], [0.6])), 0.5)]
-    else:
-        refs = [(baked(env, None), 0.4), (baked(env, s), 0.6)]
-    cfgs = [3.0, 5.0] if node == "AutoLoraGuider" else [4.0, 4.0]
+    got = sample_node(node, model, s, pos, neg, strategy, batch=2)
+    refs, cfgs = per_lora_reference(env, node, names, s)
     want = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=3, batch=2)
     assert not torch.allclose(want[0], want[1]), "the two rows have their own noise"
     assert close(got, want), (got - want).abs().max().item()
@@ -431,18 +436,7 @@ def sdxl_setup(env):
 
 def unmerged_and_merged(node, model, s, pos, neg):
     """One node's sampled latents with strategy merged and unmerged (3 euler steps)."""
-    outs = []
-    for strategy in ("merged", "unmerged"):
-        if node == "AutoLoraGuider":
-            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=3.0,
-                                  cfg_lora=5.0, gamma=0.6, strategy=strategy)
-            outs.append(sample_guider(guider, steps=3))
-        else:
-            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
-                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
-            outs.append(sample_model(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg,
-                                     4.0, steps=3))
-    return outs
+    return [sample_node(node, model, s, pos, neg, strategy) for strategy in ("merged", "unmerged")]
 
 
 ALL_NODES = ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"]
@@ -600,18 +594,10 @@ def test_core_hook_loras_on_the_conditioning_compose_and_leave_no_trace(env, set
     hooked_pos, hooked_neg = (comfy.hooks.set_hooks_for_conditioning(c, hook) for c in (pos, neg))
     static = call_node("LoraSetApply", model=model, lora_set=lora_set(names[2:3]))[0]
     s = lora_set(names[:2])
-    extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"}, "AutoLoraGuidance": {"gamma": 0.6}}
     outs = []
     for base, p, n in ((model, hooked_pos, hooked_neg), (static, pos, neg)):
-        if node == "AutoLoraGuider":
-            (guider,) = call_node(node, model=base, lora_set=s, positive=p, negative=n, cfg_base=3.0, cfg_lora=5.0,
-                                  gamma=0.6, strategy="merged")
-            with caplog.at_level(logging.WARNING):
-                outs.append(sample_guider(guider, steps=3))
-        else:
-            m = call_node(node, model=base, lora_set=s, strategy="merged", **extra.get(node, {}))[0]
-            with caplog.at_level(logging.WARNING):
-                outs.append(sample_model(m, p, n, 4.0, steps=3))
+        with caplog.at_level(logging.WARNING):
+            outs.append(sample_node(node, base, s, p, n, "merged"))
         if base is model:
             assert any("ComfyUI hook LoRAs" in r.getMessage() for r in caplog.records)
             caplog.clear()
