@@ -616,6 +616,27 @@ def test_autolora_guider_blend_then_cfg_equals_model_form(env, setup):
     assert close(sample_guider(guider), model_form)
 
 
+def test_autolora_guider_bad_input(env, setup):
+    """Each bad guider input is refused with an error naming it, before anything touches the model: an empty set,
+    an unknown strategy, a LoRA made for another base model, a non-finite CFG scale."""
+    model, names, pos, neg = setup
+    before = weights_snapshot(model.model)
+    good = dict(model=model, positive=pos, negative=neg, cfg_base=3.0, cfg_lora=5.0, gamma=0.5)
+    with pytest.raises(ValueError, match="lora_set is empty"):
+        call_node("AutoLoraGuider", lora_set=None, **good)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        call_node("AutoLoraGuider", lora_set=lora_set(names[:1]), strategy="fastest", **good)
+    with pytest.raises(ValueError, match="cfg_lora must be finite"):
+        call_node("AutoLoraGuider", lora_set=lora_set(names[:1]), **{**good, "cfg_lora": float("inf")})
+    sdxl = build_unet("sdxl", seed=1)
+    xsd = sdxl.model.state_dict()
+    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.8.1." in k and k.endswith("to_v.weight")], "kohya",
+                 seed=3).save(env.models_dir / "loras" / "cp_guider_sdxl.safetensors")
+    with pytest.raises(ValueError, match="cp_guider_sdxl.safetensors: none of its .* looks made for SDXL"):
+        call_node("AutoLoraGuider", lora_set=lora_set(["cp_guider_sdxl.safetensors"]), **good)
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
 def test_gamma_schedules(env):
     guidance = env.engine("nodes.guidance")
     assert [guidance.gamma_at(i, 5, 0.2, 1.0, "constant") for i in range(5)] == [0.2] * 5
