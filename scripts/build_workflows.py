@@ -280,7 +280,8 @@ def autolora_guider(g: Graph) -> None:
            "Here γ ramps linearly from 0.3 (first step) to 0.8 (last): diverse composition from the base model "
            "early, the LoRA's look late. 'blend-then-cfg' is the other reading of the paper. The badge counts the "
            "evaluations per step (4: base and LoRA, cond and uncond; 3 when one branch has CFG 1); with "
-           "strategy 'auto' they run as one batched network call on CPUs, one call per branch on GPUs.\n\nThe paper's equations and γ values "
+           "strategy 'auto' they run as one batched network call (rows routed per branch).\n\n"
+           "The paper's equations and γ values "
            "could not be verified (algorithms.md §2); these settings are a starting point, equal CFG scales as "
            "the simplest variant.")
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import comfy.model_management as mm
 import comfy.patcher_extension as pe
+import comfy.utils
 import torch
 
 from . import batching
@@ -77,7 +78,7 @@ class AdapterRuntime:
 
     ``select(step) → option`` (Switch) or ``mixture(step) → [(coefficient, option), …]``.
     ``branches``: for a guider that drives the runtime itself (``activate`` / ``route_by_cond``), how many
-    options it evaluates per step (1: the strategy is always merged; more: batched rows on a CPU).
+    options it evaluates per step (1: `auto` swaps merged weights; more: batched rows routed per option).
     ``cached_sets``: weight sets the merged strategy keeps, each a patched copy of the LoRA'd layers (see
     ``MergedSwapper``); AutoLoRA keeps its one LoRA set, Composite none (k copies of the weights is what the
     runtime exists to avoid).
@@ -111,20 +112,20 @@ class AdapterRuntime:
             clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.key, self.apply_model)
         return clone
 
-    def chosen_strategy(self, device: torch.device) -> str:
+    def chosen_strategy(self) -> str:
+        """The strategy the benchmarks measured faster (README "Benchmarks"), before ``strategy_for_run``'s limits."""
         if self.strategy != "auto":
             return self.strategy
-        # Measured (bench/bench_switch.py, bench/bench_composite.py; README "Benchmarks"). One network evaluation
-        # per model call (Switch; Composite of one LoRA; AutoLoRA at γ = 0 or 1) is cheapest baked in, and exact.
-        # Mixtures on a CPU: one batch with per-row adapters costs the low-rank FLOPs on top of k rows and holds no
-        # weight copy, where k merged passes per call pay a weight recomputation per swap (Composite, two fresh runs:
-        # 0.87-1.01x k static runs batched vs 0.98-1.07x merged, batched ahead at every k; steady runs within 3 % of
-        # each other). On an H100 (SD1.5-sized UNet, 512 px, fp32) k merged passes beat one k-times batch (0.88 s vs
-        # 1.63 s for Composite at k = 2, 0.90 s vs 1.27 s for AutoLoRA), measured before the unmerged path lost its
-        # per-layer host syncs.
+        # One network evaluation per model call (Switch; Composite of one LoRA; AutoLoRA at γ = 0 or 1) is cheapest
+        # baked in, and exact. Mixtures run as one batch with per-row adapters on CPUs and GPUs alike: it costs the
+        # low-rank FLOPs on top of k rows and holds no weight copy, where k merged passes per call pay a weight
+        # recomputation per swap. CPU (81.5 M UNet, fresh runs): batched 0.87-1.01x k static runs vs merged
+        # 0.98-1.07x. H100 (859 M SD1.5-sized UNet, 512 px, fp32, steady runs, 2026-11-27): Composite batched
+        # 1.26 / 1.05 / 0.98x k static runs at k = 2 / 3 / 5 vs merged 1.45 / 1.92 / 1.96x; AutoLoRA 1.97x a
+        # static LoRA vs 2.24x (model form) and 1.98x vs 2.22x (guider).
         if self.evaluations_per_step() == 1:
             return "merged"
-        return "unmerged" if device.type == "cpu" else "merged"
+        return "unmerged"
 
     def evaluations_per_step(self) -> int:
         """Options evaluated per model call: 1 for a selection (Switch), the components of a mixture, or the
@@ -133,7 +134,7 @@ class AdapterRuntime:
             return len(self.mixture(0))
         return max(1, self.branches)
 
-    def strategy_for_run(self, guider, base_model, device: torch.device) -> str:
+    def strategy_for_run(self, guider, base_model, device: torch.device, noise_shape: Sequence[int] = ()) -> str:
         """``chosen_strategy``, except that a merged swap is not possible next to something else that rewrites
         the same weights during the run; then the hooks (which add to the layers' outputs) run instead:
 
@@ -142,8 +143,11 @@ class AdapterRuntime:
           copies hook-patched weights *into* whatever Parameters are in the model and later copies its backups
           back into whatever Parameters are there then — with a swap in between, into the model's own weights
           (a leak of the LoRA into the base model, measured before this rule).
+
+        And ``auto`` does not swap on an accelerator whose free memory cannot hold the swap's patched copy next to
+        the sampling run's own needs (``merged_copy_fits``): better the hooks' few extra FLOPs than out of memory.
         """
-        strategy = self.chosen_strategy(device)
+        strategy = self.chosen_strategy()
         if strategy != "merged":
             return strategy
         reason = None
@@ -152,11 +156,38 @@ class AdapterRuntime:
         elif any(getattr(p, "hook_patches", None) for p in (getattr(guider, "model_patcher", None),
                                                              getattr(base_model, "current_patcher", None))):
             reason = "ComfyUI hook LoRAs on the conditioning rewrite the same weights during sampling"
+        elif self.strategy == "auto" and device.type != "cpu" and noise_shape:
+            fits, why = self.merged_copy_fits(base_model, device, noise_shape)
+            if not fits:
+                log.info("[LoRA Composer] %s: %s; running unmerged (LoRAs as adapters, no weight copy).", self.key, why)
+                return "unmerged"
         if reason is None:
             return strategy
         if self.strategy == "merged":
             log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
         return "unmerged"
+
+    def merged_copy_bytes(self, base_model) -> int:
+        """Memory a merged run holds beyond one static LoRA on an accelerator: ComfyUI keeps a static LoRA's
+        original weights on the offload device, while the swapper keeps them in place beside one patched copy of
+        every LoRA'd weight (swaps stay exact without a transfer per swap), plus its fp32 scratch (product and
+        compute-dtype copy of the largest layer) and any cached weight sets."""
+        weights = [comfy.utils.get_attr(base_model, k) for k in sorted({k for opt in self.options for k in opt})]
+        copy = sum(w.numel() * w.element_size() for w in weights)
+        largest = max((w.numel() for w in weights), default=0)
+        return copy * (1 + self.cached_sets) + 2 * 4 * largest
+
+    def merged_copy_fits(self, base_model, device: torch.device, noise_shape: Sequence[int]) -> tuple[bool, str]:
+        """Whether ``merged_copy_bytes`` fit in the free memory next to what ComfyUI estimates one model call of
+        this latent needs (cond and uncond rows, as ``comfy.sampler_helpers.estimate_memory``); and why not."""
+        copy = self.merged_copy_bytes(base_model)
+        shape = [noise_shape[0] * 2] + list(noise_shape[1:])
+        inference = base_model.memory_required(shape)
+        free = self.free_memory(device)
+        if copy + inference <= free:
+            return True, ""
+        return False, (f"the merged strategy's patched weight copy ({copy / 2**20:.0f} MiB) does not fit next to "
+                       f"sampling ({inference / 2**20:.0f} MiB) in the {free / 2**20:.0f} MiB free on {device}")
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
@@ -165,7 +196,7 @@ class AdapterRuntime:
         base_model = guider.inner_model
         run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
                                                                    noise, latent_image)))
-        strategy = self.strategy_for_run(guider, base_model, noise.device)
+        strategy = self.strategy_for_run(guider, base_model, noise.device, tuple(noise.shape))
         if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
             _SWAPPING[id(base_model)] = self.key

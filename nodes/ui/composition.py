@@ -34,8 +34,10 @@ class LoraSetSwitch:
             "clip": ("CLIP", {"tooltip": "Text encoder: all LoRAs' text-encoder parts are applied (summed)."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: bake the active LoRA into the weights, swapped "
-                                                       "when it changes (fastest). unmerged: add it to layer "
-                                                       "outputs. Both give the same images."}),
+                                                       "when it changes (fastest; on a GPU it keeps one patched "
+                                                       "copy of the LoRA'd weights in memory). unmerged: add it to "
+                                                       "layer outputs, no weight copy. auto: merged where that copy "
+                                                       "fits in free memory. Same images (up to GPU rounding)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -71,8 +73,8 @@ class LoraSetComposite:
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "unmerged: one k-times batch with per-row LoRAs (split "
                                                        "to fit free memory). merged: k sequential passes, each "
-                                                       "LoRA's weights recomputed in place. auto: unmerged on "
-                                                       "CPUs, merged on GPUs (as measured). Either holds no more "
+                                                       "LoRA's weights recomputed in place. auto: unmerged "
+                                                       "(measured faster on CPUs and GPUs). Either holds no more "
                                                        "weight memory than one static LoRA."}),
         }}
 
@@ -106,7 +108,7 @@ class AutoLoraGuidance:
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: base and LoRA passes with swapped weights. "
                                                        "unmerged: one batch with per-row LoRAs. auto: unmerged "
-                                                       "on CPUs, merged on GPUs (as measured) and at γ = 0 or 1."}),
+                                                       "(measured faster), merged at γ = 0 or 1 (one pass)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -150,8 +152,8 @@ class AutoLoraGuider:
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: base and LoRA branches one after the other with "
                                                        "swapped weights. unmerged: both branches' cond and uncond "
-                                                       "in one batch with per-row LoRAs. auto: unmerged on CPUs, "
-                                                       "merged on GPUs (as measured) and when γ stays 0 or 1."}),
+                                                       "in one batch with per-row LoRAs. auto: unmerged (measured "
+                                                       "faster), merged when γ stays 0 or 1 (one branch)."}),
         }}
 
     RETURN_TYPES = ("GUIDER",)
