@@ -88,7 +88,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
-    fmt_row, freeze_gc, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
+    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
     reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench, time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
@@ -360,7 +360,7 @@ def time_fresh(methods: Methods, configs, args, t_start: float):
             log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
         if rnd == 0:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(log.warm_outputs, args.ks)
+            check_outputs(args, log.warm_outputs, args.ks)
         else:
             print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
         if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
@@ -588,7 +588,7 @@ def fit_k_list(args, fwd: float, elapsed: float) -> None:
             args.mem_k = max(ks)
 
 
-def check_outputs(outputs: dict, ks) -> None:
+def check_outputs(args, outputs: dict, ks) -> None:
     """Correctness guards on the warm-up outputs (same seed, sigmas and conds for every method)."""
     import torch
 
@@ -598,9 +598,9 @@ def check_outputs(outputs: dict, ks) -> None:
 
     def guard(name, a, b, what):
         d = relative_difference(outputs[a], outputs[b])
-        ok = d <= MATCH_REL
-        print(f"check {name}: rel. diff {d:.2e} (guard ≤ {MATCH_REL:g}) {'OK' if ok else 'FAILED'}")
-        if not ok:
+        verdict = guard_verdict(args, d, MATCH_REL)
+        print(f"check {name}: rel. diff {d:.2e} (guard ≤ {MATCH_REL:g}) {verdict}")
+        if verdict == "FAILED":
             print(f"WARNING: {name} differ by {d:.2e} relative > {MATCH_REL:g}: {what}")
 
     def info(name, a, b, note=""):
@@ -737,7 +737,7 @@ def main() -> None:
     freeze_gc()
     if args.timing == "steady" and not args.memory_only:
         log = time_steady(methods, configs, args, t_start, lambda cfg: methods.prepare(*cfg))
-        check_outputs(log.warm_outputs, args.ks)
+        check_outputs(args, log.warm_outputs, args.ks)
     else:
         log = time_fresh(methods, configs, args, t_start)
     times, cuda_peaks = log.times, log.cuda_peaks

@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
-    fmt_row, freeze_gc, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
+    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
     reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
     time_steady)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
@@ -317,7 +317,7 @@ def time_fresh(methods: Methods, configs, args, t_start: float, unmerged_ranks):
             log.add(cfg, rnd == 0, seconds, out, methods.last_peak)
         if rnd == 0:
             print(f"warm-up round done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
-            check_outputs(log.warm_outputs, unmerged_ranks)
+            check_outputs(args, log.warm_outputs, unmerged_ranks)
         else:
             print(f"round {rnd}/{args.repeats} done ({time.perf_counter() - t_start:.0f} s since start)", flush=True)
         if out_of_budget(args, t_start, time.perf_counter() - t_round, rnd):
@@ -557,7 +557,7 @@ def main() -> None:
     freeze_gc()
     if args.timing == "steady":
         log = time_steady(methods, configs, args, t_start, methods.prepare_config)
-        check_outputs(log.warm_outputs, unmerged_ranks)
+        check_outputs(args, log.warm_outputs, unmerged_ranks)
     else:
         log = time_fresh(methods, configs, args, t_start, unmerged_ranks)
     times, cuda_peaks = log.times, log.cuda_peaks
@@ -657,7 +657,7 @@ def print_cuda_peaks(peaks: dict, unmerged_ranks) -> None:
         print(f"  one-entry rank {rank}: merged {mg / 2**20:.1f}, unmerged {um / 2**20:.1f} MiB")
 
 
-def check_outputs(outputs: dict, unmerged_ranks) -> None:
+def check_outputs(args, outputs: dict, unmerged_ranks) -> None:
     """Correctness guard on the warm-up outputs (same seed and schedule for every method)."""
     import torch
 
@@ -667,18 +667,19 @@ def check_outputs(outputs: dict, unmerged_ranks) -> None:
     for rank in RANKS:
         o = {m: outputs[("main", m, rank)] for m in METHODS}
         bd = relative_difference(o["B"], o["D"])
-        line = (f"check rank {rank}: B vs D rel. diff {bd:.2e} (guard ≤ {MATCH_REL:g}); C vs D {relative_difference(o['C'], o['D']):.2e}; "
+        line = (f"check rank {rank}: B vs D rel. diff {bd:.2e} (guard ≤ {MATCH_REL:g}: "
+                f"{guard_verdict(args, bd, MATCH_REL)}); C vs D {relative_difference(o['C'], o['D']):.2e}; "
                 f"E vs B {relative_difference(o['E'], o['B']):.2e}; B vs A {relative_difference(o['B'], o['A']):.2e} "
                 "(must differ: the LoRAs switch)")
         print(line)
         if relative_difference(o["B"], o["A"]) < 10 * MATCH_REL:
             print(f"WARNING: rank {rank}: the LoRAs change the output by less than 10× the guard's tolerance; "
                   "the B = D check cannot tell a wrong schedule apart")
-        if not bd <= MATCH_REL:
+        if guard_verdict(args, bd, MATCH_REL) == "FAILED":
             print(f"WARNING: rank {rank}: B (LoraSetSwitch) and D (core hook-group guider) differ by {bd:.2e} relative "
                   f"> {MATCH_REL:g}: the timings do not compare the same computation")
         cd = relative_difference(o["C"], o["D"])
-        if not cd <= MATCH_REL:
+        if guard_verdict(args, cd, MATCH_REL) == "FAILED":
             print(f"WARNING: rank {rank}: C (core keyframes) and D differ by {cd:.2e} relative > {MATCH_REL:g}: "
                   "the keyframes do not switch on the same steps")
     for rank in unmerged_ranks:
