@@ -380,6 +380,26 @@ def per_lora_reference(env, node, names, s):
 
 @pytest.mark.parametrize("strategy", ["merged", "unmerged"])
 @pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_timestep_ranged_conds(env, setup, node, strategy):
+    """ConditioningSetTimestepRange: core leaves a cond out of the steps outside its range, so which conds (and
+    rows, and cond_or_uncond indices) a model call carries changes from step to step; here the negative is absent
+    from the first steps altogether. Against per-LoRA models, both strategies."""
+    model, names, pos, neg = setup
+    (early,) = call_node("ConditioningSetTimestepRange", conditioning=pos, start=0.0, end=0.6)
+    (late,) = call_node("ConditioningSetTimestepRange", conditioning=neg, start=0.4, end=1.0)
+    (positive,) = call_node("ConditioningCombine", conditioning_1=early, conditioning_2=late)
+    (negative,) = call_node("ConditioningSetTimestepRange", conditioning=neg, start=0.3, end=1.0)
+    s = lora_set(names[:2], [0.9, 0.6])
+    got = sample_node(node, model, s, positive, negative, strategy, steps=4)
+    refs, cfgs = per_lora_reference(env, node, names, s)
+    want = sample_guider(reference_guider(model, refs, cfgs, positive, negative, cfgs[-1]), steps=4)
+    unranged = sample_guider(reference_guider(model, refs, cfgs, pos, neg, cfgs[-1]), steps=4)
+    assert not close(unranged, want), "the ranges must change the result"
+    assert close(got, want), (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
 def test_controlnet_reaches_every_lora_evaluation(env, setup, node, strategy):
     """A ControlNet on the conds (core's ControlNetApplyAdvanced): the UNet consumes its residual lists with
     ``pop()``, so a merged mixture's second evaluation of the same model call ran without ControlNet (0.59 abs off
