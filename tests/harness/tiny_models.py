@@ -84,6 +84,31 @@ def build_flux(seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+# SD3's MMDiT fixes hidden size 64 · depth and one head per depth unit: depth 2 → hidden 128, 2 heads. Block 1 is the
+# last one, whose context stream is "pre-only" (no attention output or MLP), as in the real model.
+SD3_TINY = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 2,
+            "adm_in_channels": 32, "pos_embed_max_size": 8, "num_patches": 64,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}}}
+
+
+def build_sd3(seed: int = 0):
+    """A ModelPatcher over a tiny ``comfy.supported_models.SD3`` MMDiT (16-channel latents, pooled ``y``, text
+    context of width 48: the same cond shapes as ``FLUX_TINY``)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SD3(dict(SD3_TINY))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed)
+    with torch.no_grad():  # a buffer (torch.empty in core): the real model loads it from the checkpoint
+        pos_embed = model.diffusion_model.pos_embed
+        pos_embed.copy_(torch.randn(pos_embed.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.1)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def build_sd15_controlnet(seed: int = 5):
     """A core ``comfy.controlnet.ControlNet`` over a tiny ``cldm.ControlNet`` shaped like ``SD15_TINY`` (RGB hint,
     8× compression), with random weights so that it changes the UNet's output."""

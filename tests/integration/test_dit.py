@@ -1,9 +1,11 @@
-"""A DiT model ComfyUI maps (a tiny Flux): loading in kohya and diffusers key styles, and the composition nodes.
+"""DiT models ComfyUI maps (a tiny Flux, a tiny SD3 MMDiT): loading in kohya / OneTrainer and diffusers key styles,
+and the composition nodes.
 
 Diffusers-style Flux files (diffusers, ai-toolkit, most Flux LoRAs in the wild) name separate ``to_q`` / ``to_k`` /
 ``to_v`` / ``proj_mlp`` layers that core maps onto *slices* of the fused ``qkv`` / ``linear1`` weights (patch
 targets ``(key, (dim, start, size))``); the pack refused every such file before (its shape check compared a slice's
-LoRA with the whole fused weight). Oracles: core's own ``load_lora_for_models`` (bit for bit) and merged vs
+LoRA with the whole fused weight). SD3's diffusers map (``comfy.utils.mmdit_to_diffusers``) slices the fused ``qkv``
+of both streams the same way, for diffusers, PEFT-prefixed and OneTrainer files. Oracles: core's own ``load_lora_for_models`` (bit for bit) and merged vs
 unmerged execution (fp32, 1e-5 relative).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.tiny_models import FLUX_TINY, build_flux, weights_snapshot
+from harness.tiny_models import FLUX_TINY, SD3_TINY, build_flux, build_sd3, weights_snapshot
 
 REL = 1e-5
 H = FLUX_TINY["hidden_size"]
@@ -129,3 +131,93 @@ def test_diffusers_flux_loras_merge_into_whole_fused_weights(env, flux, method):
     want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg)
     assert close(got, want), (got - want).abs().max().item()
     assert "lora_unet_double_blocks_0_img_attn_qkv" in {k.rsplit(".", 2)[0] for k in merged.entries[0].tensors()}
+
+
+# --- SD3 (MMDiT) ------------------------------------------------------------------------------------------------
+
+S3 = 64 * SD3_TINY["depth"]
+# diffusers module → (out, in): block 0's both streams (q/k/v slices of the fused qkv, output projections, MLPs)
+# and block 1's image-stream q (its context stream is pre-only)
+SD3_MODULES = {
+    "transformer_blocks.0.attn.to_q": (S3, S3), "transformer_blocks.0.attn.to_k": (S3, S3),
+    "transformer_blocks.0.attn.to_v": (S3, S3), "transformer_blocks.0.attn.add_q_proj": (S3, S3),
+    "transformer_blocks.0.attn.add_v_proj": (S3, S3), "transformer_blocks.0.attn.to_out.0": (S3, S3),
+    "transformer_blocks.0.attn.to_add_out": (S3, S3), "transformer_blocks.0.ff.net.0.proj": (4 * S3, S3),
+    "transformer_blocks.0.ff_context.net.2": (S3, 4 * S3), "transformer_blocks.1.attn.to_q": (S3, S3),
+}
+
+
+def _sd3_file(path, style: str, seed: int) -> None:
+    """A rank-2 LoRA on SD3_MODULES in ``style``: diffusers/PEFT (``transformer.`` + lora_A/B) or OneTrainer
+    (``lora_transformer_`` + lora_down/up/alpha)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_features, in_features) in SD3_MODULES.items():
+        down = torch.randn(2, in_features, generator=g) * 0.3
+        up = torch.randn(out_features, 2, generator=g) * 0.3
+        if style == "diffusers":
+            tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"] = down, up
+        else:
+            name = "lora_transformer_" + module.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+            tensors[f"{name}.alpha"] = torch.tensor(1.5)
+    save_file(tensors, str(path))
+
+
+@pytest.fixture(scope="module")
+def sd3(env):
+    model = build_sd3(seed=0)
+    for style in ("diffusers", "onetrainer"):
+        for i in range(2):
+            _sd3_file(env.models_dir / "loras" / f"sd3_{style}_{i}.safetensors", style, 700 + 10 * i)
+    g = torch.Generator().manual_seed(2)
+    pos, neg = ([[torch.randn(1, 7, 48, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+                for _ in range(2))
+    return model, pos, neg
+
+
+@pytest.mark.parametrize("style", ["diffusers", "onetrainer"])
+def test_sd3_lora_applies_like_core(env, sd3, style):
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    model, pos, neg = sd3
+    name = f"sd3_{style}_0.safetensors"
+    core, _ = comfy.sd.load_lora_for_models(model.clone(), None, comfy.utils.load_torch_file(
+        folder_paths.get_full_path("loras", name), safe_load=True), 1.0, 0.0)
+    ours = call_node("LoraSetApply", model=model, lora_set=lora_set([name]))[0]
+    assert len(ours.patches) == len(SD3_MODULES) - 3, "to_q/k/v and add_q/v patch one fused qkv weight per stream"
+    assert any(p[3] is not None for plist in ours.patches.values() for p in plist), "slices of the fused qkv"
+    assert ours.patches.keys() == core.patches.keys()
+    got, want, base = sample(ours, pos, neg), sample(core, pos, neg), sample(model, pos, neg)
+    assert torch.equal(got, want)
+    assert not close(got, base, 1e-3), "the LoRA must change the output"
+
+
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_sd3_composition_unmerged_equals_merged(env, sd3, node):
+    model, pos, neg = sd3
+    before = weights_snapshot(model.model)
+    s = lora_set(["sd3_diffusers_0.safetensors", "sd3_onetrainer_1.safetensors"])
+    outs = []
+    for strategy in ("merged", "unmerged"):
+        if node == "AutoLoraGuider":
+            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0,
+                                  cfg_lora=3.0, gamma=0.6, strategy=strategy)
+            outs.append(sample(guider))
+        else:
+            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
+                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
+            outs.append(sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg))
+    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
+def test_sd3_slice_loras_merge_into_whole_fused_weights(env, sd3):
+    model, pos, neg = sd3
+    s = lora_set(["sd3_diffusers_0.safetensors", "sd3_onetrainer_1.safetensors"])
+    merged = call_node("LoraSetMerge", model=model, lora_set=s, method="concat", rank=64, density=0.5, seed=0)[0]
+    got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg)
+    want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg)
+    assert close(got, want), (got - want).abs().max().item()
