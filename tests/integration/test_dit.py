@@ -5,8 +5,8 @@ Diffusers-style Flux files (diffusers, ai-toolkit, most Flux LoRAs in the wild) 
 ``to_v`` / ``proj_mlp`` layers that core maps onto *slices* of the fused ``qkv`` / ``linear1`` weights (patch
 targets ``(key, (dim, start, size))``); the pack refused every such file before (its shape check compared a slice's
 LoRA with the whole fused weight). SD3's diffusers map (``comfy.utils.mmdit_to_diffusers``) slices the fused ``qkv``
-of both streams the same way, for diffusers, PEFT-prefixed and OneTrainer files. Oracles: core's own ``load_lora_for_models`` (bit for bit) and merged vs
-unmerged execution (fp32, 1e-5 relative).
+of both streams the same way (tested with diffusers and OneTrainer files). Oracles: core's own
+``load_lora_for_models`` (bit for bit) and merged vs unmerged execution (fp32, 1e-5 relative).
 """
 from __future__ import annotations
 
@@ -72,17 +72,32 @@ def close(a, b, rel=REL):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
 
-@pytest.mark.parametrize("style", ["kohya", "diffusers"])
-def test_flux_lora_applies_like_core(env, flux, style):
+def sample_node(node, model, s, pos, neg, strategy):
+    """Build a composition node over ``model`` with set ``s`` and ``strategy`` and sample it (3 euler steps)."""
+    if node == "AutoLoraGuider":
+        (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0, cfg_lora=3.0,
+                              gamma=0.6, strategy=strategy)
+        return sample(guider)
+    extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
+             "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
+    return sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg)
+
+
+def applied_by_us_and_core(model, name: str):
+    """``LoraSetApply``'s model and core's ``load_lora_for_models`` (strength 1) for one file of the loras folder."""
     import comfy.sd
     import comfy.utils
     import folder_paths
 
-    model, pos, neg = flux
-    name = f"flux_{style}_0.safetensors"
     core, _ = comfy.sd.load_lora_for_models(model.clone(), None, comfy.utils.load_torch_file(
         folder_paths.get_full_path("loras", name), safe_load=True), 1.0, 0.0)
-    ours, _clip, _report = call_node("LoraSetApply", model=model, lora_set=lora_set([name]))
+    return call_node("LoraSetApply", model=model, lora_set=lora_set([name]))[0], core
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers"])
+def test_flux_lora_applies_like_core(env, flux, style):
+    model, pos, neg = flux
+    ours, core = applied_by_us_and_core(model, f"flux_{style}_0.safetensors")
     sliced = [k for k, plist in ours.patches.items() if any(p[3] is not None for p in plist)]
     assert bool(sliced) == (style == "diffusers"), "diffusers files patch slices of the fused weights"
     assert ours.patches.keys() == core.patches.keys()
@@ -97,17 +112,8 @@ def test_flux_composition_unmerged_equals_merged(env, flux, node, style):
     model, pos, neg = flux
     before = weights_snapshot(model.model)
     s = lora_set([f"flux_{style}_{i}.safetensors" for i in range(2)])
-    outs = []
-    for strategy in ("merged", "unmerged"):
-        if node == "AutoLoraGuider":
-            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0,
-                                  cfg_lora=3.0, gamma=0.6, strategy=strategy)
-            outs.append(sample(guider))
-        else:
-            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
-                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
-            outs.append(sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg))
-    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+    merged, unmerged = (sample_node(node, model, s, pos, neg, strategy) for strategy in ("merged", "unmerged"))
+    assert close(unmerged, merged), (unmerged - merged).abs().max().item()
     assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
 
 
@@ -178,15 +184,8 @@ def sd3(env):
 
 @pytest.mark.parametrize("style", ["diffusers", "onetrainer"])
 def test_sd3_lora_applies_like_core(env, sd3, style):
-    import comfy.sd
-    import comfy.utils
-    import folder_paths
-
     model, pos, neg = sd3
-    name = f"sd3_{style}_0.safetensors"
-    core, _ = comfy.sd.load_lora_for_models(model.clone(), None, comfy.utils.load_torch_file(
-        folder_paths.get_full_path("loras", name), safe_load=True), 1.0, 0.0)
-    ours = call_node("LoraSetApply", model=model, lora_set=lora_set([name]))[0]
+    ours, core = applied_by_us_and_core(model, f"sd3_{style}_0.safetensors")
     assert len(ours.patches) == len(SD3_MODULES) - 3, "to_q/k/v and add_q/v patch one fused qkv weight per stream"
     assert any(p[3] is not None for plist in ours.patches.values() for p in plist), "slices of the fused qkv"
     assert ours.patches.keys() == core.patches.keys()
@@ -200,17 +199,8 @@ def test_sd3_composition_unmerged_equals_merged(env, sd3, node):
     model, pos, neg = sd3
     before = weights_snapshot(model.model)
     s = lora_set(["sd3_diffusers_0.safetensors", "sd3_onetrainer_1.safetensors"])
-    outs = []
-    for strategy in ("merged", "unmerged"):
-        if node == "AutoLoraGuider":
-            (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0,
-                                  cfg_lora=3.0, gamma=0.6, strategy=strategy)
-            outs.append(sample(guider))
-        else:
-            extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
-                     "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
-            outs.append(sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg))
-    assert close(outs[1], outs[0]), (outs[1] - outs[0]).abs().max().item()
+    merged, unmerged = (sample_node(node, model, s, pos, neg, strategy) for strategy in ("merged", "unmerged"))
+    assert close(unmerged, merged), (unmerged - merged).abs().max().item()
     assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
 
 
