@@ -74,8 +74,8 @@ class LoraSetComposite:
                                             "tooltip": "unmerged: one k-times batch with per-row LoRAs (split "
                                                        "to fit free memory). merged: k sequential passes, each "
                                                        "LoRA's weights recomputed in place. auto: unmerged "
-                                                       "(measured faster on CPUs and GPUs). Either holds no more "
-                                                       "weight memory than one static LoRA."}),
+                                                       "(measured faster on CPUs and GPUs). Neither keeps a "
+                                                       "weight copy per LoRA."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
