@@ -24,12 +24,11 @@ from typing import Callable, Sequence
 
 import comfy.model_management as mm
 import comfy.patcher_extension as pe
-import comfy.utils
 import torch
 
 from . import batching
 from .layers import build_layer_plans
-from .merged_swap import MergedSwapper
+from .merged_swap import MergedSwapper, held_bytes
 from .step_tracker import StepTracker, probe_steps
 from .unmerged import Routing, UnmergedAdapters
 
@@ -156,26 +155,22 @@ class AdapterRuntime:
         elif any(getattr(p, "hook_patches", None) for p in (getattr(guider, "model_patcher", None),
                                                              getattr(base_model, "current_patcher", None))):
             reason = "ComfyUI hook LoRAs on the conditioning rewrite the same weights during sampling"
-        elif self.strategy == "auto" and device.type != "cpu" and noise_shape:
+        if reason is not None:
+            if self.strategy == "merged":
+                log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
+            return "unmerged"
+        if self.strategy == "auto" and device.type != "cpu" and noise_shape:
             fits, why = self.merged_copy_fits(base_model, device, noise_shape)
             if not fits:
                 log.info("[LoRA Composer] %s: %s; running unmerged (LoRAs as adapters, no weight copy).", self.key, why)
                 return "unmerged"
-        if reason is None:
-            return strategy
-        if self.strategy == "merged":
-            log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
-        return "unmerged"
+        return strategy
 
     def merged_copy_bytes(self, base_model) -> int:
         """Memory a merged run holds beyond one static LoRA on an accelerator: ComfyUI keeps a static LoRA's
-        original weights on the offload device, while the swapper keeps them in place beside one patched copy of
-        every LoRA'd weight (swaps stay exact without a transfer per swap), plus its fp32 scratch (product and
-        compute-dtype copy of the largest layer) and any cached weight sets."""
-        weights = [comfy.utils.get_attr(base_model, k) for k in sorted({k for opt in self.options for k in opt})]
-        copy = sum(w.numel() * w.element_size() for w in weights)
-        largest = max((w.numel() for w in weights), default=0)
-        return copy * (1 + self.cached_sets) + 2 * 4 * largest
+        original weights on the offload device, while the swapper keeps them in place beside its patched copy
+        (swaps stay exact without a transfer per swap): ``merged_swap.held_bytes``."""
+        return held_bytes(base_model, self.options, self.cached_sets)
 
     def merged_copy_fits(self, base_model, device: torch.device, noise_shape: Sequence[int]) -> tuple[bool, str]:
         """Whether ``merged_copy_bytes`` fit in the free memory next to what ComfyUI estimates one model call of

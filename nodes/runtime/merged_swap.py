@@ -35,6 +35,22 @@ except ImportError:  # pragma: no cover - every supported ComfyUI has comfy.floa
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def patched_keys(patches_per_option: list[dict[str, list]]) -> list[str]:
+    """Every weight key some option patches, in a fixed order."""
+    return sorted({k for opt in patches_per_option for k in opt})
+
+
+def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0) -> int:
+    """Upper bound of what a ``MergedSwapper`` over these options holds beside the model's own weights: one patched
+    copy of every patched weight (plus one per cached set) and the two scratch buffers of ``_scratch_for``, counted
+    as the largest layer in fp32 each (the "work" one is only needed, and narrower, when core computes in another
+    dtype)."""
+    weights = [comfy.utils.get_attr(base_model, k) for k in patched_keys(patches_per_option)]
+    copy = sum(w.numel() * w.element_size() for w in weights)
+    largest = max((w.numel() for w in weights), default=0)
+    return copy * (1 + cached_sets) + 2 * 4 * largest
+
+
 def _compute_dtype(device) -> torch.dtype:
     # 0.9.2 may compute LoRA patches in fp16 on GPUs; 0.3.64 always used fp32. Match the running core.
     return mm.lora_compute_dtype(device) if hasattr(mm, "lora_compute_dtype") else torch.float32
@@ -53,7 +69,7 @@ class MergedSwapper:
         """
         self.base_model = base_model
         self.options = patches_per_option
-        self.keys = sorted({k for opt in patches_per_option for k in opt})
+        self.keys = patched_keys(patches_per_option)
         self.originals: dict[str, torch.nn.Parameter] = {}
         self.active = None
         self.cached_sets = cached_sets

@@ -357,8 +357,8 @@ def test_autolora_guider_with_core_sag_and_pag(env, setup, strategy, patch):
 @pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
 def test_model_patch_mixtures_with_core_sag_agree_across_strategies(env, setup, node):
     """SAG on a mixture's model call sees one component's attention map (README): with CFG functions next to
-    attention patches both strategies evaluate the components one by one in set order, so merged (GPU default)
-    and unmerged (CPU default) give the same image."""
+    attention patches both strategies evaluate the components one by one in set order, so merged and unmerged give
+    the same image."""
     model, names, pos, neg = setup
     (patched,) = call_node("SelfAttentionGuidance", model=model, scale=0.5, blur_sigma=2.0)
     extra = {"gamma": 0.6} if node == "AutoLoraGuidance" else {}
