@@ -28,6 +28,7 @@ import torch
 
 from . import batching
 from .layers import build_layer_plans
+from .lowrank_terms import LowRankTerms
 from .merged_swap import MergedSwapper, held_bytes
 from .step_tracker import StepTracker, probe_steps
 from .unmerged import Routing, UnmergedAdapters
@@ -101,6 +102,7 @@ class AdapterRuntime:
         self.history: list[list[int]] = []  # steps seen per finished run (diagnostics and tests)
         self.strategies: list[str] = []  # the strategy each run used
         self.forwards: list[int] = []  # network evaluations per finished run
+        self._terms: LowRankTerms | None = None  # see low_rank_terms
 
     def attach(self, model_patcher):
         """A clone of ``model_patcher`` that runs this runtime whenever it samples."""
@@ -169,8 +171,15 @@ class AdapterRuntime:
     def merged_copy_bytes(self, base_model) -> int:
         """Memory a merged run holds beyond one static LoRA on an accelerator: ComfyUI keeps a static LoRA's
         original weights on the offload device, while the swapper keeps them in place beside its patched copy
-        (swaps stay exact without a transfer per swap): ``merged_swap.held_bytes``."""
-        return held_bytes(base_model, self.options, self.cached_sets)
+        (swaps stay exact without a transfer per swap): ``merged_swap.held_bytes``, plus the fast path's LoRA
+        factors in fp32 on the device."""
+        return held_bytes(base_model, self.options, self.cached_sets) + self.low_rank_terms().device_bytes()
+
+    def low_rank_terms(self) -> LowRankTerms:
+        """The merged fast path's view of the options, made once and kept for every run."""
+        if self._terms is None:
+            self._terms = LowRankTerms(self.options)
+        return self._terms
 
     def merged_copy_fits(self, base_model, device: torch.device, noise_shape: Sequence[int]) -> tuple[bool, str]:
         """Whether ``merged_copy_bytes`` fit in the free memory next to what ComfyUI estimates one model call of
@@ -193,7 +202,8 @@ class AdapterRuntime:
                                                                    noise, latent_image)))
         strategy = self.strategy_for_run(guider, base_model, noise.device, tuple(noise.shape))
         if strategy == "merged":
-            run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets)
+            run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets,
+                                        terms=self.low_rank_terms())
             _SWAPPING[id(base_model)] = self.key
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)

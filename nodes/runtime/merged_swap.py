@@ -12,19 +12,26 @@ fast path's LoRA factors are moved to it once per run (the LoRA tensors on the d
 
 Speed: a switch is paid inside the sampling loop, so plain low-rank patches (the common case; fp32,
 fp16 or bf16 weights, any compute dtype core uses) take a fast path that rewrites the previous patched
-copy in place — ``copy_`` of the original, then ``up @ down`` scaled and added in exactly core's
-operation order and dtypes (still bit-identical) — instead of allocating a fresh copy per layer and
-going through ``calculate_weight`` (fresh allocations page-fault on first touch, which on CPU costs as
-much as the arithmetic; on a GPU core's path re-uploads the LoRA factors for every layer and swap).
+copy in place — ``up @ down`` scaled and added to the original in exactly core's operation order and
+dtypes (still bit-identical), three or four torch calls per layer — instead of allocating a fresh copy
+per layer and going through ``calculate_weight`` (fresh allocations page-fault on first touch, which on
+CPU costs as much as the arithmetic; on a GPU core's path re-uploads the LoRA factors for every layer and
+swap). Everything an option's activation needs besides the arithmetic (which layers, which factors on the
+device, scratch views) is worked out on its first activation in a run and kept as its *plan*: on a GPU a
+swap costs kernel launches, and per-layer Python bookkeeping used to cost as much again.
 Everything else goes through ``calculate_weight``.
 """
 from __future__ import annotations
+
+import weakref
 
 import comfy.lora
 import comfy.model_management as mm
 import comfy.utils
 import torch
 from comfy.model_patcher import get_key_weight, string_to_seed
+
+from .lowrank_terms import LowRankTerms
 
 try:
     import comfy.float as comfy_float
@@ -42,9 +49,9 @@ def patched_keys(patches_per_option: list[dict[str, list]]) -> list[str]:
 
 def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0) -> int:
     """Upper bound of what a ``MergedSwapper`` over these options holds beside the model's own weights: one patched
-    copy of every patched weight (plus one per cached set) and the two scratch buffers of ``_scratch_for``, counted
-    as the largest layer in fp32 each (the "work" one is only needed, and narrower, when core computes in another
-    dtype)."""
+    copy of every patched weight (plus one per cached set) and the scratch of ``_scratch_for``, the largest layer
+    in at most 8 bytes per element (the fp32 product, plus either an fp32 work copy or the fp16 scaled product and
+    fp16 work copy when core computes in fp16)."""
     weights = [comfy.utils.get_attr(base_model, k) for k in patched_keys(patches_per_option)]
     copy = sum(w.numel() * w.element_size() for w in weights)
     largest = max((w.numel() for w in weights), default=0)
@@ -56,130 +63,210 @@ def _compute_dtype(device) -> torch.dtype:
     return mm.lora_compute_dtype(device) if hasattr(mm, "lora_compute_dtype") else torch.float32
 
 
+class _Layer:
+    """One patched weight: where it sits in the model and the Parameter found there at the start of the run."""
+
+    __slots__ = ("key", "module", "name", "original", "convert", "set_func")
+
+    def __init__(self, model: torch.nn.Module, key: str):
+        self.key = key
+        module_path, _, self.name = key.rpartition(".")
+        self.module = comfy.utils.get_attr(model, module_path) if module_path else model
+        _weight, self.set_func, self.convert = get_key_weight(model, key)
+        self.original = comfy.utils.get_attr(model, key)
+
+    def current(self):
+        return getattr(self.module, self.name)
+
+    def put(self, param) -> None:
+        setattr(self.module, self.name, param)
+
+
+class _LowRankGroup:
+    """Layers whose patch is plain low rank, written together: ``original + Σ factor · (up @ down)`` in exactly
+    core's operations, order and dtypes (``patch_weight_to_device`` → ``calculate_weight`` →
+    ``LoRAAdapter.calculate_weight``): the weight in ComfyUI's LoRA compute dtype (fp32, or fp16 where 0.9.x's
+    ``lora_compute_dtype`` picks it on a GPU), each fp32 product scaled once and cast to that dtype, added, the sum
+    cast back to the weight's dtype (``stochastic_rounding`` is a plain cast for fp32, fp16 and bf16).
+
+    On a GPU a swap's cost is launches, not arithmetic, so everything but the products runs as ``torch._foreach_*``
+    calls over the whole group (one launch for many layers, the same per-element arithmetic as the plain ops).
+    The group's layers together fit the scratch (the largest layer), so memory stays one layer's worth.
+    Single-term layers are grouped; a layer with several terms is a group of its own (terms added one by one).
+    """
+
+    __slots__ = ("layers", "terms", "compute", "products", "products_2d", "deltas", "works", "factors")
+
+    def __init__(self, layers: list[_Layer], terms: list[list[tuple[float, torch.Tensor, torch.Tensor]]],
+                 compute: torch.dtype, scratch: "dict[str, torch.Tensor]"):
+        self.layers, self.terms, self.compute = layers, terms, compute
+        self.products, self.products_2d, self.deltas, self.works = [], [], [], []
+        offset = 0
+        for layer, layer_terms in zip(layers, terms):
+            original = layer.original
+            n = original.numel()
+            self.products.append(scratch["product"][offset:offset + n].view(original.shape))
+            self.products_2d.append(self.products[-1].view(layer_terms[0][1].shape[0], layer_terms[0][2].shape[1]))
+            if compute != torch.float32:
+                self.deltas.append(scratch["delta"][offset:offset + n].view(original.shape))
+            if compute != original.dtype:  # the sum is formed in the compute dtype, then cast to the weight's
+                self.works.append(scratch["work"][offset:offset + n].view(original.shape))
+            offset += n
+        self.factors = [layer_terms[0][0] for layer_terms in terms]
+
+    def write(self, buffers: list[torch.Tensor]) -> None:
+        originals = [layer.original for layer in self.layers]
+        if len(self.terms) == 1 and len(self.terms[0]) > 1:
+            self._write_terms(originals[0], buffers[0])
+            return
+        for (_factor, up, down), product in zip((t[0] for t in self.terms), self.products_2d):
+            torch.mm(up, down, out=product)
+        torch._foreach_mul_(self.products, self.factors)
+        if self.compute == torch.float32:  # the weight's cast to fp32 is exact: add promotes, then casts back
+            _foreach_copy(buffers, originals)
+            torch._foreach_add_(buffers, self.products)
+            return
+        _foreach_copy(self.deltas, self.products)
+        if self.works:  # fp16 compute for an fp32 or bf16 weight: core rounds the weight to fp16 before adding
+            _foreach_copy(self.works, originals)
+            torch._foreach_add_(self.works, self.deltas)
+            _foreach_copy(buffers, self.works)
+        else:
+            _foreach_copy(buffers, originals)
+            torch._foreach_add_(buffers, self.deltas)
+
+    def _write_terms(self, original: torch.Tensor, buffer: torch.Tensor) -> None:
+        compute = self.compute
+        work = self.works[0] if self.works else buffer
+        work.copy_(original)
+        for factor, up, down in self.terms[0]:
+            torch.mm(up, down, out=self.products_2d[0])
+            self.products[0].mul_(factor)
+            if compute == torch.float32:
+                work.add_(self.products[0])
+            else:
+                work.add_(self.deltas[0].copy_(self.products[0]))
+        if work is not buffer:
+            buffer.copy_(work)
+
+
+def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):  # torch ≥ 2.1
+        torch._foreach_copy_(dst, src)
+    else:  # pragma: no cover - older torch
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+class _Plan:
+    """What one option's activation does per layer, worked out at its first activation in a run."""
+
+    __slots__ = ("restore", "groups", "general")
+
+    def __init__(self):
+        self.restore: list[_Layer] = []  # layers the option leaves unpatched
+        self.groups: list[_LowRankGroup] = []
+        self.general: list[tuple[_Layer, list]] = []  # layers only calculate_weight can patch
+
+
 class MergedSwapper:
     """Swap per-layer patch lists into a loaded model and restore the original Parameters."""
 
-    def __init__(self, base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0):
+    def __init__(self, base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0,
+                 terms: LowRankTerms | None = None):
         """``patches_per_option[j][key]`` is the ComfyUI patch list (as in ``ModelPatcher.patches``).
 
         ``cached_sets``: how many computed weight sets to keep for instant re-activation. Each costs one
         patched copy of the LoRA'd layers (what one statically applied LoRA holds); 0 recomputes.
         The first sets computed stay (no eviction): mixtures visit their options cyclically, and an
         LRU cache smaller than the cycle would miss on every access.
+        ``terms``: the options' ``LowRankTerms``, kept by the caller across runs (made here if not given).
         """
         self.base_model = base_model
         self.options = patches_per_option
         self.keys = patched_keys(patches_per_option)
+        self.terms = terms if terms is not None else LowRankTerms(patches_per_option)
         self.originals: dict[str, torch.nn.Parameter] = {}
         self.active = None
         self.cached_sets = cached_sets
+        self.fast_writes = 0  # layers written by the low-rank fast path (diagnostics, tests)
+        self._layers: list[_Layer] = []
+        self._plans: dict[object, _Plan] = {}
         self._cache: dict[object, dict[str, torch.nn.Parameter]] = {}
         # Patched Parameters of ours that nothing else refers to (not in the model, not cached): reused in place.
         self._spare: dict[str, torch.nn.Parameter] = {}
-        self._scratch: dict[str, torch.Tensor] = {}  # one layer's fp32 ΔW ("product") / cast weight ("work")
-        # Fast-path factors moved to the weights' device once per run (the LoRA tensors on the device: without
-        # this every swap re-uploads them, measured as most of a swap's cost on a GPU).
-        self._device_factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[str, torch.Tensor] = {}  # role → flat buffer the size of the largest patched layer
+        self._capacity = 0  # elements of the largest patched layer: a group's layers fit in it together
+        # id → every live Parameter this run made (weak: a dropped one leaves, so an id never names another object)
+        self._owned: "weakref.WeakValueDictionary[int, torch.nn.Parameter]" = weakref.WeakValueDictionary()
 
-    def _set(self, key: str, patches: list | None) -> None:
-        weight, set_func, convert_func = get_key_weight(self.base_model, key)
-        if key not in self.originals:
-            self.originals[key] = comfy.utils.get_attr(self.base_model, key)
-        original = self.originals[key]
-        current = comfy.utils.get_attr(self.base_model, key)
-        if current is not original and not self._is_cached(key, current):
-            self._spare[key] = current  # about to be replaced: free for in-place reuse
-        if not patches:
-            comfy.utils.set_attr(self.base_model, key, original)
-            return
-        if set_func is not None:
-            raise NotImplementedError(f"{key}: quantized weights need the unmerged runtime")
-        if convert_func is None and self._fast_lowrank(key, original, patches):
-            return
-        temp = original.to(_compute_dtype(original.device), copy=True)
-        if convert_func is not None:
-            temp = convert_func(temp, inplace=True)
-        out = comfy.lora.calculate_weight(patches, temp, key)
-        if comfy_float is not None and original.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            out = comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(key))
-        else:  # stochastic_rounding is a plain cast for these dtypes (its seed only matters for fp8)
-            out = out.to(original.dtype)
-        self._spare.pop(key, None)
-        comfy.utils.set_attr_param(self.base_model, key, out)
+    # -- plans: everything about an option that does not change between its activations in a run -----
+    def _plan(self, option) -> _Plan:
+        plan = self._plans.get(option)
+        if plan is not None:
+            return plan
+        if not self._layers:  # the first activation: nothing swapped yet, so these are the originals
+            self._layers = [_Layer(self.base_model, key) for key in self.keys]
+            self.originals = {layer.key: layer.original for layer in self._layers}
+            self._capacity = max(layer.original.numel() for layer in self._layers)
+        plan = _Plan()
+        pending: list[tuple[_Layer, list]] = []  # single-term layers waiting to fill a group
+        filled = 0  # their elements
+        for layer in self._layers:
+            patches = self.patch_lists(option, layer.key)
+            if not patches:
+                plan.restore.append(layer)
+                continue
+            terms = self._device_terms(layer, option, patches)
+            if terms is None:
+                plan.general.append((layer, patches))
+            elif len(terms) > 1:
+                plan.groups.append(self._group([(layer, terms)]))
+            else:
+                if pending and filled + layer.original.numel() > self._capacity:
+                    plan.groups.append(self._group(pending))
+                    pending, filled = [], 0
+                pending.append((layer, terms))
+                filled += layer.original.numel()
+        if pending:
+            plan.groups.append(self._group(pending))
+        if not isinstance(option, tuple):  # mixtures' weight vectors may change every step: not worth keeping
+            self._plans[option] = plan
+        return plan
 
-    def _is_cached(self, key: str, param) -> bool:
-        return any(cached.get(key) is param for cached in self._cache.values())
-
-    def _fast_lowrank(self, key: str, original: torch.Tensor, patches: list) -> bool:
-        """``original + Σ strength·scale·(up @ down)`` into a reused buffer; False if not plain LoRA.
-
-        Same operations in the same order and dtypes as ``patch_weight_to_device`` → ``calculate_weight`` →
-        ``LoRAAdapter.calculate_weight``: the weight cast to ComfyUI's LoRA compute dtype (fp32, or fp16 where
-        0.9.2's ``lora_compute_dtype`` picks it on a GPU), the fp32 product scaled once, cast to that dtype and
-        added, the sum cast back to the weight's dtype (``stochastic_rounding`` is a plain cast for fp32, fp16
-        and bf16). So the result is bit-identical, with no per-layer allocation besides the fp32 product.
-        """
-        compute = _compute_dtype(original.device)
-        if original.dtype not in _FAST_DTYPES or compute not in _FAST_DTYPES:
-            return False
-        factors = []
-        for p in patches:
-            strength, adapter, strength_model, offset, function = p[:5]
-            if strength_model != 1.0 or offset is not None or function is not None:
-                return False
-            if getattr(adapter, "name", None) != "lora" or not isinstance(getattr(adapter, "weights", None), tuple):
-                return False
-            w = adapter.weights
-            if len(w) < 5 or w[3] is not None or w[4] is not None or (len(w) > 5 and w[5] is not None):
-                return False  # mid (Tucker), DoRA or reshape: the general path
-            if not isinstance(w[2], (float, int, type(None))):
-                return False
-            up, down = self._factors_on(original.device, w[0], w[1])
+    def _device_terms(self, layer: _Layer, option, patches: list):
+        """The layer's patch list as (factor, up, down) on the weight's device, or None for the general path."""
+        original = layer.original
+        if layer.convert is not None or layer.set_func is not None or original.dtype not in _FAST_DTYPES:
+            return None
+        if _compute_dtype(original.device) not in _FAST_DTYPES:
+            return None
+        terms = self.terms.terms(option, layer.key, patches)
+        if terms is None:
+            return None
+        matrices = self.terms.matrices(original.device)
+        out = []
+        for factor, up, down in terms:
+            up, down = matrices[up], matrices[down]
             if up.shape[0] * down.shape[1] != original.numel():
-                return False
-            scale = 1.0 if w[2] is None else w[2] / w[1].shape[0]
-            factors.append((strength * scale, up, down))
-        buffer = self._spare.pop(key, None)
-        if buffer is None or buffer.shape != original.shape or buffer.device != original.device:
-            buffer = torch.nn.Parameter(torch.empty_like(original), requires_grad=False)
-        product = self._scratch_for(original, "product", torch.float32)
-        if compute == original.dtype:
-            work = buffer
-        else:
-            work = self._scratch_for(original, "work", compute).view(original.shape)
-        with torch.no_grad():
-            work.copy_(original)  # the cast to the compute dtype, when it differs
-            for factor, up, down in factors:
-                delta = product.view(up.shape[0], down.shape[1])
-                torch.mm(up, down, out=delta)
-                delta.mul_(factor)
-                delta = delta.view(original.shape)
-                work.add_(delta if compute == torch.float32 else delta.to(compute))
-            if work is not buffer:
-                buffer.copy_(work)
-        comfy.utils.set_attr(self.base_model, key, buffer)
-        return True
+                return None
+            out.append((factor, up, down))
+        return out
 
-    def _factors_on(self, device: torch.device, up: torch.Tensor, down: torch.Tensor):
-        """``up``/``down`` as flattened fp32 matrices on ``device``, moved once per run and then reused."""
-        if up.device == device and down.device == device:
-            return up.to(torch.float32).flatten(1), down.to(torch.float32).flatten(1)
-        hit = self._device_factors.get(id(up))
-        if hit is None or hit[0] is not up:  # keyed by identity; the source is held so the id stays its own
-            hit = (up, up.to(device, torch.float32).flatten(1), down.to(device, torch.float32).flatten(1))
-            self._device_factors[id(up)] = hit
-        return hit[1], hit[2]
+    def _group(self, members: list[tuple[_Layer, list]]) -> _LowRankGroup:
+        like = members[0][0].original
+        compute = _compute_dtype(like.device)
+        roles = {"product": torch.float32}
+        if compute != torch.float32:
+            roles["delta"] = compute
+        if any(layer.original.dtype != compute for layer, _ in members):
+            roles["work"] = compute
+        for role, dtype in roles.items():  # at most 8 bytes per element of the largest layer (held_bytes)
+            if role not in self._scratch:
+                self._scratch[role] = torch.empty(self._capacity, dtype=dtype, device=like.device)
+        return _LowRankGroup([m[0] for m in members], [m[1] for m in members], compute, self._scratch)
 
-    def _scratch_for(self, like: torch.Tensor, role: str, dtype: torch.dtype) -> torch.Tensor:
-        """A flat ``dtype`` buffer of ``like.numel()`` elements for ``role`` (the fp32 product, or the weight cast
-        to the compute dtype), sized once to the largest patched layer."""
-        scratch = self._scratch.get(role)
-        if scratch is None or scratch.numel() < like.numel() or scratch.device != like.device or scratch.dtype != dtype:
-            largest = max((comfy.utils.get_attr(self.base_model, k).numel() for k in self.keys), default=0)
-            scratch = torch.empty(max(largest, like.numel()), dtype=dtype, device=like.device)
-            self._scratch[role] = scratch
-        return scratch[:like.numel()]
-
+    # -- swapping ------------------------------------------------------------------------------------
     def activate(self, option: "int | tuple[float, ...] | None") -> bool:
         """Bake an option into the weights; returns whether anything changed.
 
@@ -194,18 +281,82 @@ class MergedSwapper:
             return False
         cached = self._cache.get(option)
         if cached is not None:
-            for key, param in cached.items():
-                current = comfy.utils.get_attr(self.base_model, key)
-                if current is not self.originals.get(key, current) and not self._is_cached(key, current):
-                    self._spare[key] = current
-                comfy.utils.set_attr(self.base_model, key, param)
+            for layer in self._layers:
+                self._release(layer)
+                layer.put(cached[layer.key])
         else:
-            for key in self.keys:
-                self._set(key, self.patch_lists(option, key))
+            with torch.no_grad():
+                self._apply(self._plan(option))
             if option is not None and len(self._cache) < self.cached_sets:
-                self._cache[option] = {k: comfy.utils.get_attr(self.base_model, k) for k in self.keys}
+                self._cache[option] = {layer.key: layer.current() for layer in self._layers}
         self.active = option
         return True
+
+    def _apply(self, plan: _Plan) -> None:
+        for layer in plan.restore:
+            self._release(layer)
+            if layer.current() is not layer.original:
+                layer.put(layer.original)
+        for group in plan.groups:
+            buffers, fresh = [], []
+            for layer in group.layers:
+                current = self._release(layer)
+                buffer = self._spare.pop(layer.key, None)
+                if buffer is None:
+                    buffer = self._new_buffer(layer)
+                buffers.append(buffer)
+                if buffer is not current:
+                    fresh.append((layer, buffer))
+            group.write(buffers)
+            self.fast_writes += len(buffers)
+            for layer, buffer in fresh:
+                layer.put(buffer)
+        for layer, patches in plan.general:
+            self._set_general(layer, patches)
+
+    def _new_buffer(self, layer: _Layer) -> torch.nn.Parameter:
+        """A Parameter for the layer's patched copy (allocated once per run and layer, then rewritten in place)."""
+        return self._own(torch.empty_like(layer.original))
+
+    def _own(self, tensor: torch.Tensor) -> torch.nn.Parameter:
+        """A Parameter of ours: only these are ever rewritten in place (see ``_release``)."""
+        param = torch.nn.Parameter(tensor, requires_grad=False)
+        self._owned[id(param)] = param
+        return param
+
+    def _release(self, layer: _Layer):
+        """The layer's current patched Parameter, if it is ours and free to rewrite (made by this swapper, not
+        cached). Anything else in the model — the original, or a Parameter someone else put there — is never
+        written to."""
+        current = layer.current()
+        if self._owned.get(id(current)) is not current or self._is_cached(layer.key, current):
+            return None
+        self._spare[layer.key] = current
+        return current
+
+    def _is_cached(self, key: str, param) -> bool:
+        return any(cached.get(key) is param for cached in self._cache.values())
+
+    def _set_general(self, layer: _Layer, patches: list) -> None:
+        if layer.set_func is not None:
+            raise NotImplementedError(f"{layer.key}: quantized weights need the unmerged runtime")
+        original = layer.original
+        self._release(layer)
+        temp = original.to(_compute_dtype(original.device), copy=True)
+        if layer.convert is not None:
+            temp = layer.convert(temp, inplace=True)
+        out = comfy.lora.calculate_weight(patches, temp, layer.key)
+        if comfy_float is not None and original.dtype not in _FAST_DTYPES:
+            out = comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(layer.key))
+        else:  # stochastic_rounding is a plain cast for these dtypes (its seed only matters for fp8)
+            out = out.to(original.dtype)
+        buffer = self._spare.pop(layer.key, None)
+        if buffer is not None and buffer.shape == out.shape and buffer.dtype == out.dtype:
+            buffer.copy_(out)  # our previous copy takes the result: never two per layer
+            if layer.current() is not buffer:
+                layer.put(buffer)
+        else:
+            layer.put(self._own(out))
 
     def patch_lists(self, option, key: str) -> list | None:
         if option is None:
@@ -220,11 +371,14 @@ class MergedSwapper:
 
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""
-        for key, original in self.originals.items():
-            comfy.utils.set_attr(self.base_model, key, original)
+        for layer in self._layers:
+            layer.put(layer.original)
+        self._layers = []
+        self._plans.clear()
         self.originals.clear()
         self._cache.clear()
         self._spare.clear()
-        self._device_factors.clear()
+        self._owned.clear()
         self._scratch = {}
+        self.terms.release()
         self.active = None

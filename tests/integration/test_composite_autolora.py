@@ -760,7 +760,10 @@ def test_auto_merged_needs_room_for_its_weight_copy(env, setup, caplog):
     runtime = composition.switch_lora_set(model, None, lora_set(names), 2, "paper")[2]
     weights = [comfy.utils.get_attr(base, k) for k in {k for option in runtime.options for k in option}]
     copy = runtime.merged_copy_bytes(base)
-    assert copy == sum(w.numel() * 4 for w in weights) + 2 * 4 * max(w.numel() for w in weights)
+    factors = {id(t): t for option in runtime.options for patches in option.values() for p in patches
+               for t in p[1].weights[:2]}  # every LoRA up and down, held in fp32 on the device during a run
+    assert copy == (sum(w.numel() * 4 for w in weights) + 2 * 4 * max(w.numel() for w in weights)
+                    + sum(4 * t.numel() for t in factors.values()))
     shape, cuda = (1, 4, 8, 8), torch.device("cuda")
     room = copy + base.memory_required([2, 4, 8, 8])
     runtime.free_memory = lambda device: room
