@@ -115,5 +115,8 @@ class LowRankTerms:
         return self._host
 
     def release(self) -> None:
-        """Drop the device copies (the end of a run); the terms stay for the next."""
-        self._on.clear()
+        """Drop the device copies (the end of a run); the terms stay for the next, and so do the matrices on the
+        sources' own device when they are the sources themselves (fp32: views, nothing held beyond the LoRA)."""
+        self._on = {device: matrices for device, matrices in self._on.items()
+                    if all(m.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
+                           for m, s in zip(matrices, self._sources))}

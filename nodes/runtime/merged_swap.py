@@ -72,8 +72,7 @@ class _Layer:
         self.key = key
         module_path, _, self.name = key.rpartition(".")
         self.module = comfy.utils.get_attr(model, module_path) if module_path else model
-        _weight, self.set_func, self.convert = get_key_weight(model, key)
-        self.original = comfy.utils.get_attr(model, key)
+        self.original, self.set_func, self.convert = get_key_weight(model, key)  # the Parameter itself
 
     def current(self):
         return getattr(self.module, self.name)
@@ -95,27 +94,17 @@ class _LowRankGroup:
     Single-term layers are grouped; a layer with several terms is a group of its own (terms added one by one).
     """
 
-    __slots__ = ("layers", "terms", "compute", "products", "products_2d", "deltas", "works", "factors")
+    __slots__ = ("layers", "terms", "compute", "factors", "originals", "products", "products_2d", "deltas", "works")
 
-    def __init__(self, layers: list[_Layer], terms: list[list[tuple[float, torch.Tensor, torch.Tensor]]],
-                 compute: torch.dtype, scratch: "dict[str, torch.Tensor]"):
-        self.layers, self.terms, self.compute = layers, terms, compute
-        self.products, self.products_2d, self.deltas, self.works = [], [], [], []
-        offset = 0
-        for layer, layer_terms in zip(layers, terms):
-            original = layer.original
-            n = original.numel()
-            self.products.append(scratch["product"][offset:offset + n].view(original.shape))
-            self.products_2d.append(self.products[-1].view(layer_terms[0][1].shape[0], layer_terms[0][2].shape[1]))
-            if compute != torch.float32:
-                self.deltas.append(scratch["delta"][offset:offset + n].view(original.shape))
-            if compute != original.dtype:  # the sum is formed in the compute dtype, then cast to the weight's
-                self.works.append(scratch["work"][offset:offset + n].view(original.shape))
-            offset += n
+    def __init__(self, views: "_ScratchViews", terms: list[list[tuple[float, torch.Tensor, torch.Tensor]]]):
+        self.layers, self.terms, self.compute = views.layers, terms, views.compute
         self.factors = [layer_terms[0][0] for layer_terms in terms]
+        self.originals = [layer.original for layer in self.layers]
+        self.products, self.products_2d, self.deltas, self.works = (
+            views.products, views.products_2d, views.deltas, views.works)
 
     def write(self, buffers: list[torch.Tensor]) -> None:
-        originals = [layer.original for layer in self.layers]
+        originals = self.originals
         if len(self.terms) == 1 and len(self.terms[0]) > 1:
             self._write_terms(originals[0], buffers[0])
             return
@@ -148,6 +137,29 @@ class _LowRankGroup:
                 work.add_(self.deltas[0].copy_(self.products[0]))
         if work is not buffer:
             buffer.copy_(work)
+
+
+class _ScratchViews:
+    """A group's layers laid out one after another in the shared scratch: each layer's views of the fp32 product,
+    the product in the compute dtype and the weight in the compute dtype. The same for every option that groups
+    the same layers, so made once per run and layer list (tensor views cost host time too)."""
+
+    __slots__ = ("layers", "compute", "products", "products_2d", "deltas", "works")
+
+    def __init__(self, layers: list[_Layer], compute: torch.dtype, scratch: "dict[str, torch.Tensor]"):
+        self.layers, self.compute = layers, compute
+        self.products, self.products_2d, self.deltas, self.works = [], [], [], []
+        offset = 0
+        for layer in layers:
+            original = layer.original
+            n = original.numel()
+            self.products.append(scratch["product"][offset:offset + n].view(original.shape))
+            self.products_2d.append(self.products[-1].view(original.shape[0], -1))
+            if compute != torch.float32:
+                self.deltas.append(scratch["delta"][offset:offset + n].view(original.shape))
+            if compute != original.dtype:  # the sum is formed in the compute dtype, then cast to the weight's
+                self.works.append(scratch["work"][offset:offset + n].view(original.shape))
+            offset += n
 
 
 def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -197,6 +209,7 @@ class MergedSwapper:
         self._spare: dict[str, torch.nn.Parameter] = {}
         self._scratch: dict[str, torch.Tensor] = {}  # role → flat buffer the size of the largest patched layer
         self._capacity = 0  # elements of the largest patched layer: a group's layers fit in it together
+        self._views: dict[tuple[str, ...], _ScratchViews] = {}  # per group's layer keys, shared by the options
         # id → every live Parameter this run made (weak: a dropped one leaves, so an id never names another object)
         self._owned: "weakref.WeakValueDictionary[int, torch.nn.Parameter]" = weakref.WeakValueDictionary()
 
@@ -248,7 +261,7 @@ class MergedSwapper:
         out = []
         for factor, up, down in terms:
             up, down = matrices[up], matrices[down]
-            if up.shape[0] * down.shape[1] != original.numel():
+            if up.shape[0] != original.shape[0] or up.shape[0] * down.shape[1] != original.numel():
                 return None
             out.append((factor, up, down))
         return out
@@ -264,7 +277,12 @@ class MergedSwapper:
         for role, dtype in roles.items():  # at most 8 bytes per element of the largest layer (held_bytes)
             if role not in self._scratch:
                 self._scratch[role] = torch.empty(self._capacity, dtype=dtype, device=like.device)
-        return _LowRankGroup([m[0] for m in members], [m[1] for m in members], compute, self._scratch)
+        layers = [m[0] for m in members]
+        key = tuple(layer.key for layer in layers)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = _ScratchViews(layers, compute, self._scratch)
+        return _LowRankGroup(views, [m[1] for m in members])
 
     # -- swapping ------------------------------------------------------------------------------------
     def activate(self, option: "int | tuple[float, ...] | None") -> bool:
@@ -379,6 +397,7 @@ class MergedSwapper:
         self._cache.clear()
         self._spare.clear()
         self._owned.clear()
+        self._views.clear()
         self._scratch = {}
         self.terms.release()
         self.active = None
