@@ -33,7 +33,7 @@ class LowRankTerms:
         return self.terms_of(patches)
 
     def terms_of(self, patches: list) -> list[Term] | None:
-        terms = []
+        plain = []
         for p in patches:
             strength, adapter, strength_model, offset, function = p[:5]
             if strength_model != 1.0 or offset is not None or function is not None:
@@ -47,8 +47,9 @@ class LowRankTerms:
                 return None
             # core: alpha = v[2] / mat2.shape[0]; weight += ((strength * alpha) * lora_diff) — the same float product
             scale = 1.0 if w[2] is None else w[2] / w[1].shape[0]
-            terms.append((strength * scale, self._register(w[0]), self._register(w[1])))
-        return terms or None
+            plain.append((strength * scale, w[0], w[1]))
+        # registered only once the whole list qualifies: no matrix is uploaded that no term uses
+        return [(factor, self._register(up), self._register(down)) for factor, up, down in plain] or None
 
     def _register(self, tensor: torch.Tensor) -> int:
         index = self._index.get(id(tensor))
