@@ -7,19 +7,19 @@ to static application, and switching never accumulates rounding error (no W + Δ
 
 Memory: the Parameter objects found at the start are kept by reference (as ComfyUI's own backup
 does) and put back at the end, so besides the LoRA tensors we hold one patched copy per layer — the
-same as one statically applied LoRA — plus one layer's temporary while computing. On a GPU the
-fast path's LoRA factors are moved to it once per run (the LoRA tensors on the device).
+same as one statically applied LoRA — plus scratch the size of the largest layer (at most 8 bytes per element,
+see ``held_bytes``). On a GPU the fast path's LoRA
+factors are moved to it once per run, in one copy (``LowRankTerms``: the LoRA tensors on the device).
+Only Parameters this swapper made are ever rewritten in place.
 
-Speed: a switch is paid inside the sampling loop, so plain low-rank patches (the common case; fp32,
-fp16 or bf16 weights, any compute dtype core uses) take a fast path that rewrites the previous patched
-copy in place — ``up @ down`` scaled and added to the original in exactly core's operation order and
-dtypes (still bit-identical), three or four torch calls per layer — instead of allocating a fresh copy
-per layer and going through ``calculate_weight`` (fresh allocations page-fault on first touch, which on
-CPU costs as much as the arithmetic; on a GPU core's path re-uploads the LoRA factors for every layer and
-swap). Everything an option's activation needs besides the arithmetic (which layers, which factors on the
-device, scratch views) is worked out on its first activation in a run and kept as its *plan*: on a GPU a
-swap costs kernel launches, and per-layer Python bookkeeping used to cost as much again.
-Everything else goes through ``calculate_weight``.
+Speed: a switch is paid inside the sampling loop, and on a GPU its arithmetic is small (21 ms of device
+time for 4 swaps of 192 layers of an 859 M UNet on an H100) while its host time was not: kernel launches
+and Python per layer. So plain low-rank patches (the common case; fp32, fp16 or bf16 weights, any compute
+dtype core uses) take a fast path: one ``mm`` per layer into scratch, then the scaling, casts and additions
+for a whole group of layers as ``torch._foreach_*`` calls, written into the previous patched copy in place,
+in exactly core's operation order and dtypes (bit-identical). Everything an option's activation needs
+besides the arithmetic (which layers, their terms on the device, scratch views) is worked out on its first
+activation in a run and kept as its *plan*. Everything else goes through ``calculate_weight``.
 """
 from __future__ import annotations
 
