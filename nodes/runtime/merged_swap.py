@@ -7,9 +7,9 @@ to static application, and switching never accumulates rounding error (no W + Δ
 
 Memory: the Parameter objects found at the start are kept by reference (as ComfyUI's own backup
 does) and put back at the end, so besides the LoRA tensors we hold one patched copy per layer — the
-same as one statically applied LoRA — plus scratch the size of the largest layer (at most 8 bytes per element,
-see ``held_bytes``). On a GPU the fast path's LoRA
-factors are moved to it once per run, in one copy (``LowRankTerms``: the LoRA tensors on the device).
+same as one statically applied LoRA — plus scratch the size of the largest layer (at most 8 bytes per
+element, see ``held_bytes``). On a GPU the fast path's LoRA factors are moved to it once per run, in one
+copy (``LowRankTerms``: the LoRA tensors on the device).
 Only Parameters this swapper made are ever rewritten in place.
 
 Speed: a switch is paid inside the sampling loop, and on a GPU its arithmetic is small (21 ms of device
