@@ -28,7 +28,7 @@ import torch
 from ..kernels import merge_math
 from .lora_keys import kohya_names
 from .lora_set import LoraEntry, LoraSet, memory_entry, require_nonempty
-from .patching import group_by_block_weight, model_family, resolve_set, target_parts
+from .patching import group_by_block_weight, model_family, plain_lora_weights, resolve_set, target_parts
 
 MERGE_METHODS = ("linear", "concat", "svd", "ties", "dare")
 METHODS_WITH_RANK = ("svd", "ties", "dare")
@@ -84,7 +84,7 @@ def _whole_weight_patch(entry: LoraEntry, owner, target, patch) -> tuple[str, ob
     key, offset, function = target_parts(target)
     if offset is None and function is None:
         return key, patch
-    weights = _plain_lora_weights(patch)
+    weights = plain_lora_weights(patch)
     if function is not None or weights is None or offset[0] != 0:
         raise ValueError(f"{entry.name}: merging this kind of fused-layer patch ({type(patch).__name__} on a slice "
                          f"of {key}) is not supported; apply this LoRA with 'Apply LoRA set' instead.")
@@ -104,21 +104,9 @@ def exact_delta(patcher, key: str, contribution: Contribution, strength: float |
     return patched.float() - base
 
 
-def _plain_lora_weights(patch) -> tuple | None:
-    """The weights ``(up, down, alpha, …)`` of a plain LoRA/LoCon patch (no Tucker mid, DoRA scale or reshape);
-    None for anything else."""
-    if getattr(patch, "name", None) != "lora":
-        return None
-    weights = patch.weights
-    reshape = weights[5] if len(weights) > 5 else None
-    if weights[3] is not None or weights[4] is not None or reshape is not None:
-        return None
-    return weights
-
-
 def scaled_factors(contribution: Contribution) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(up, down, c) with ΔW = c·up@down for plain LoRA/LoCon patches; None for anything else."""
-    weights = _plain_lora_weights(contribution.patch)
+    weights = plain_lora_weights(contribution.patch)
     if weights is None:
         return None
     up, down, alpha = weights[:3]

@@ -62,6 +62,18 @@ def target_parts(target) -> tuple[str, tuple[int, int, int] | None, object]:
     return target[0], target[1] if len(target) > 1 else None, target[2] if len(target) > 2 else None
 
 
+def plain_lora_weights(patch) -> tuple | None:
+    """The weights ``(up, down, alpha, …)`` of a plain LoRA/LoCon patch (core's ``LoRAAdapter`` without a Tucker
+    mid, DoRA scale or reshape); None for anything else."""
+    weights = getattr(patch, "weights", None)
+    if getattr(patch, "name", None) != "lora" or not isinstance(weights, tuple) or len(weights) < 5:
+        return None
+    reshape = weights[5] if len(weights) > 5 else None
+    if weights[3] is not None or weights[4] is not None or reshape is not None:
+        return None
+    return weights
+
+
 def _target_name(target) -> str:
     return target_parts(target)[0]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..patching import plain_lora_weights
+
 Term = tuple[float, int, int]  # (factor, index of up, index of down) in LowRankTerms.matrices
 
 
@@ -38,12 +40,8 @@ class LowRankTerms:
             strength, adapter, strength_model, offset, function = p[:5]
             if strength_model != 1.0 or offset is not None or function is not None:
                 return None
-            if getattr(adapter, "name", None) != "lora" or not isinstance(getattr(adapter, "weights", None), tuple):
-                return None
-            w = adapter.weights
-            if len(w) < 5 or w[3] is not None or w[4] is not None or (len(w) > 5 and w[5] is not None):
-                return None  # mid (Tucker), DoRA or reshape: the general path
-            if not isinstance(w[2], (float, int, type(None))):
+            w = plain_lora_weights(adapter)  # a Tucker mid, DoRA or reshape takes the general path
+            if w is None or not isinstance(w[2], (float, int, type(None))):
                 return None
             # core: alpha = v[2] / mat2.shape[0]; weight += ((strength * alpha) * lora_diff) — the same float product
             scale = 1.0 if w[2] is None else w[2] / w[1].shape[0]

@@ -49,7 +49,7 @@ def patched_keys(patches_per_option: list[dict[str, list]]) -> list[str]:
 
 def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]], cached_sets: int = 0) -> int:
     """Upper bound of what a ``MergedSwapper`` over these options holds beside the model's own weights: one patched
-    copy of every patched weight (plus one per cached set) and the scratch of ``_scratch_for``, the largest layer
+    copy of every patched weight (plus one per cached set) and the scratch ``_group`` allocates, the largest layer
     in at most 8 bytes per element (the fp32 product, plus either an fp32 work copy or the fp16 scaled product and
     fp16 work copy when core computes in fp16)."""
     weights = [comfy.utils.get_attr(base_model, k) for k in patched_keys(patches_per_option)]
