@@ -132,7 +132,8 @@ def relative_difference(a, b) -> float:
 
 class RunMeter:
     """Wall and process-CPU clocks around one run; on CUDA they wait for the GPU at both ends, and the run's
-    peak of ``torch.cuda.max_memory_allocated`` (whole process, model included) is recorded as well."""
+    peak of ``torch.cuda.max_memory_allocated`` (whole process, model included) is recorded as well. ``host``: the
+    wall seconds until the block returned, before waiting for the GPU (the host's share of a GPU run)."""
 
     def __init__(self, device: str):
         self.cuda = device == "cuda"
@@ -154,6 +155,7 @@ class RunMeter:
 
         import torch
 
+        self.host = time.perf_counter() - self._t0
         if self.cuda:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()

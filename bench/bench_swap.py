@@ -30,17 +30,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, add_device_arguments, freeze_gc, lora_targets, select_device, setup_process, start_sampling_bench)
-from harness import lora_factory  # noqa: E402
+    SD15_LAYOUT, RunMeter, add_device_arguments, freeze_gc, select_device, setup_process, start_sampling_bench)
+from bench_switch import K, build_model, lora_names, write_loras  # noqa: E402  (its model, LoRAs and set size)
 
-K = 3
 SWITCH_ORDER = (0, 1, 2, 0)  # bench_switch.py's schedule: 20 steps, τ = 5, k = 3
 SWITCH_ACTIVATIONS = len(SWITCH_ORDER)
 SWITCH_STEPS = 20
@@ -61,48 +59,20 @@ def parse_args():
     return args
 
 
-class Clock:
-    """Host seconds until the block's end, and wall seconds until the device has finished it."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def __enter__(self):
-        self.sync()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.host = time.perf_counter() - self.t0
-        self.sync()
-        self.wall = time.perf_counter() - self.t0
-
-
 def build(args, env, models_dir: Path):
-    """(ModelPatcher loaded on the device, per-LoRA patch lists, patched keys)."""
+    """(ModelPatcher loaded on the device, per-LoRA patch lists): bench_switch.py's model and LoRA files."""
     import comfy.model_management as mm
 
-    from bench_switch import build_model
     from harness.node_calls import load_set
 
     patching = env.engine("nodes.patching")  # the pack as ComfyUI loaded it (ComfyUI owns the name `nodes`)
 
     model = build_model(args)
-    model_sd = model.model.state_dict()
-    targets = lora_targets(model_sd)
-    names = []
-    for i in range(K):
-        lora = lora_factory.make_lora(model_sd, targets, "kohya", rank=args.rank, alpha=4.0 * args.rank ** 0.5,
-                                      seed=1000 * args.rank + i)
-        names.append(f"bench_swap_r{args.rank}_{i}.safetensors")
-        lora.save(models_dir / "loras" / names[-1])
-    del model_sd
+    write_loras(model.model.state_dict(), models_dir / "loras", (args.rank,), ())
     options = [patching.model_patch_lists(entry, patches)
-               for entry, patches in patching.resolve_set(model, None, load_set(names))]
+               for entry, patches in patching.resolve_set(model, None, load_set(lora_names(args.rank, K)))]
     mm.load_models_gpu([model])
-    return model, options, targets
+    return model, options
 
 
 def unet_call_seconds(model, args, clock_device: str) -> float:
@@ -117,14 +87,15 @@ def unet_call_seconds(model, args, clock_device: str) -> float:
     walls = []
     with torch.no_grad():
         for _ in range(4):
-            with Clock(clock_device) as c:
+            with RunMeter(clock_device) as c:
                 dm(x, t, context=context)
             walls.append(c.wall)
     return statistics.median(walls[1:])
 
 
 def check_bit_exact(model, swapper, options, keys, compute_dtype) -> int:
-    """Swapped weights of every option vs core's patch computation on the same device; returns mismatching keys."""
+    """Swapped weights of every option vs core's patch computation on the same device; returns how many
+    (layer, option) pairs differ."""
     import comfy.lora
     import comfy.utils
     import torch
@@ -153,7 +124,7 @@ def run_seconds(swapper_class, model, options, args) -> float:
     walls = []
     with torch.no_grad():
         for _ in range(RUNS + 1):
-            with Clock(args.device) as c:
+            with RunMeter(args.device) as c:
                 swapper = swapper_class(model.model, options, terms=terms)
                 for j in SWITCH_ORDER:
                     swapper.activate(j)
@@ -170,7 +141,7 @@ def main() -> None:
 
     swap_module = env.engine("nodes.runtime.merged_swap")
     MergedSwapper, patched_keys = swap_module.MergedSwapper, swap_module.patched_keys
-    model, options, targets = build(args, env, models_dir)
+    model, options = build(args, env, models_dir)
     keys = patched_keys(options)
     weights = [model.model.get_parameter(k) for k in keys]
     patched_bytes = sum(w.numel() * w.element_size() for w in weights)
@@ -187,12 +158,12 @@ def main() -> None:
             swapper.activate(j)
         host, wall = [], []
         for n in range(args.swaps):
-            with Clock(args.device) as c:
+            with RunMeter(args.device) as c:
                 swapper.activate((n + 1) % K)
             host.append(c.host)
             wall.append(c.wall)
         mismatches = check_bit_exact(model, swapper, options, keys, swap_module._compute_dtype)
-        with Clock(args.device) as c:
+        with RunMeter(args.device) as c:
             swapper.restore()
         restore = c.wall
         swapped_back = all(model.model.get_parameter(k) is w for k, w in zip(keys, weights))
@@ -209,7 +180,7 @@ def main() -> None:
           f"(from 4 steady swaps + restore: {1 + (SWITCH_ACTIVATIONS * swap + restore) / (SWITCH_STEPS * call):.3f})")
     if args.device == "cuda":
         pinned = [w.detach().to("cpu").pin_memory() for w in weights]
-        with Clock(args.device) as c:
+        with RunMeter(args.device) as c:
             for w, p in zip(weights, pinned):
                 w.data.copy_(p, non_blocking=True)  # the same values: the model is unchanged
         print(f"uploading the patched layers' originals from pinned memory ({patched_bytes / 2**20:.0f} MiB): "
