@@ -281,7 +281,7 @@ def test_low_rank_terms_are_worked_out_once_and_serve_every_run(env, model):
     """The fast path's view of the options (``LowRankTerms``) is made once per runtime: plain LoRA / LoCon patch
     lists become ``factor · (up @ down)`` terms over shared fp32 matrices, everything else stays with
     ``calculate_weight``. Two runs of one swapper configuration sharing it stay bit-exact, and a run's end drops
-    its device copies of the matrices."""
+    the matrices' copies on other devices (the CPU's views of fp32 LoRA tensors, no copies, stay)."""
     _formats(env, model)
     patching = env.engine("nodes.patching")
     swap = env.engine("nodes.runtime.merged_swap")
