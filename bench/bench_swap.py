@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Benchmark: the cost of one merged-weight swap (``MergedSwapper.activate``), in UNet calls.
+"""Benchmark: the cost of one merged-weight swap, in UNet calls, for both merged forms: ``MergedSwapper`` (a patched
+copy beside the originals, strategy ``merged``) and ``InPlaceSwapper`` (in the model's own weights, the originals in
+host memory, ``merged-lowvram``).
 
 Usage::
 
@@ -14,16 +16,17 @@ on the device by ComfyUI:
 * one UNet call with cond + uncond rows (the unit);
 * ``--swaps`` activations cycling through the 3 LoRAs (after one warm-up cycle): per swap the *host* time
   (until ``activate`` returns; on a GPU the kernels may still run) and the *wall* time (synchronised);
-* ``restore`` (back to the original Parameters);
+* ``restore`` (back to the original Parameters, or their values copied back);
 * a whole run's swap work as the runtime does it (a new swapper over the runtime's kept ``LowRankTerms``: plans,
-  the factors' upload, the patched copies allocated, then LoRAs 0, 1, 2, 0 and ``restore``), which gives the
-  prediction;
+  the factors' upload, the patched copies allocated or the originals copied to host memory, then LoRAs 0, 1, 2, 0
+  and ``restore``), which gives the prediction, and on CUDA the device memory such a run allocates;
 * on a GPU, for comparison: uploading the patched layers' original weights from pinned host memory (what a swap
   would add if the originals were kept off the GPU, as ComfyUI keeps a static LoRA's backup).
 
-Check: after the swaps every LoRA's swapped weights are compared with ComfyUI's own patch computation
-(``comfy.lora.calculate_weight`` in core's LoRA compute dtype, as ``patch_weight_to_device`` does) on the same
-device: they must be bit-identical.
+Check: every LoRA's swapped weights are compared with ComfyUI's own patch computation on the same device: the
+copy's bit for bit (``comfy.lora.calculate_weight`` in core's LoRA compute dtype, as ``patch_weight_to_device``
+does), the in-place form's within 8 units of fp32 precision of each layer's largest weight (fp32 formula, TF32 off,
+after incremental updates); and the original weights must be back after ``restore``.
 """
 from __future__ import annotations
 
@@ -133,26 +136,10 @@ def run_seconds(swapper_class, model, options, args) -> float:
     return statistics.median(walls[1:])
 
 
-def main() -> None:
-    args = parse_args()
-    setup_process(args.threads, "pytorch")
-    env, models_dir = start_sampling_bench(args, "Merged swap benchmark", "swap")
+def steady_swaps(swapper, args):
+    """(median host, median wall) seconds of ``--swaps`` activations cycling through the LoRAs, after a warm-up."""
     import torch
 
-    swap_module = env.engine("nodes.runtime.merged_swap")
-    MergedSwapper, patched_keys = swap_module.MergedSwapper, swap_module.patched_keys
-    model, options = build(args, env, models_dir)
-    keys = patched_keys(options)
-    weights = [model.model.get_parameter(k) for k in keys]
-    patched_bytes = sum(w.numel() * w.element_size() for w in weights)
-    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
-    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters on "
-          f"{weights[0].device}; {K} kohya LoRAs of rank {args.rank} on {len(keys)} layers "
-          f"({patched_bytes / 2**20:.0f} MiB of weights patched per swap)")
-    freeze_gc()
-
-    call = unet_call_seconds(model, args, args.device)
-    swapper = MergedSwapper(model.model, options)
     with torch.no_grad():
         for j in range(K):  # warm-up: buffers allocated, factors on the device
             swapper.activate(j)
@@ -162,22 +149,113 @@ def main() -> None:
                 swapper.activate((n + 1) % K)
             host.append(c.host)
             wall.append(c.wall)
-        mismatches = check_bit_exact(model, swapper, options, keys, swap_module._compute_dtype)
-        with RunMeter(args.device) as c:
+    return statistics.median(host), statistics.median(wall)
+
+
+def check_in_place(model, swapper_class, options, eps_units: int = 8) -> int:
+    """A fresh in-place swapper through two cycles of the LoRAs (incremental updates included), every option's
+    weights vs the fp32 formula ``W + Σ factor · up @ down`` (core's ``calculate_weight`` in fp32), within
+    ``eps_units`` units of fp32 precision of each layer's largest weight (the tests' bound); returns the pairs off.
+    TF32 is off meanwhile: the check is of the swap's arithmetic, not of the GPU's matmul precision (``addmm_`` runs
+    in the weight's dtype, so core 0.9.x's fp16 LoRA compute is not what it is compared with)."""
+    import comfy.lora
+    import comfy.utils
+    import torch
+
+    settings = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    bad = 0
+    try:
+        swapper = swapper_class(model.model, options)
+        with torch.no_grad():
+            for j in list(range(len(options))) * 2:
+                swapper.activate(j)
+                for slot in swapper._slots:
+                    patches = options[j].get(slot.layer.key)
+                    if not patches:
+                        continue
+                    original = slot.backup.to(slot.weight.device, torch.float32, copy=True)  # patched in place
+                    expected = comfy.lora.calculate_weight(patches, original, slot.layer.key)
+                    error = (comfy.utils.get_attr(model.model, slot.layer.key).double() - expected.double()).abs().max()
+                    if error > eps_units * torch.finfo(slot.weight.dtype).eps * expected.abs().max():
+                        bad += 1
             swapper.restore()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = settings
+    return bad
+
+
+def peak_bytes(device: str, work) -> int:
+    """Peak device memory ``work()`` allocates beyond what was allocated before it (CUDA; 0 elsewhere)."""
+    import torch
+
+    if device != "cuda":
+        work()
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    work()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main() -> None:
+    args = parse_args()
+    setup_process(args.threads, "pytorch")
+    env, models_dir = start_sampling_bench(args, "Merged swap benchmark", "swap")
+    import torch
+
+    swap_module = env.engine("nodes.runtime.merged_swap")
+    MergedSwapper, patched_keys = swap_module.MergedSwapper, swap_module.patched_keys
+    InPlaceSwapper = env.engine("nodes.runtime.inplace_swap").InPlaceSwapper
+    model, options = build(args, env, models_dir)
+    keys = patched_keys(options)
+    weights = [model.model.get_parameter(k) for k in keys]
+    before = [w.detach().to("cpu", copy=True) for w in weights]
+    patched_bytes = sum(w.numel() * w.element_size() for w in weights)
+    n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
+    print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters on "
+          f"{weights[0].device}; {K} kohya LoRAs of rank {args.rank} on {len(keys)} layers "
+          f"({patched_bytes / 2**20:.0f} MiB of weights patched per swap)")
+    freeze_gc()
+
+    call = unet_call_seconds(model, args, args.device)
+    rows, checks = [], []
+    forms = (("merged (patched copy)", MergedSwapper), ("merged-lowvram (in place)", InPlaceSwapper))
+    for label, swapper_class in forms:
+        swapper = swapper_class(model.model, options)
+        swap_host, swap = steady_swaps(swapper, args)
+        with torch.no_grad():
+            if swapper_class is MergedSwapper:
+                mismatches = check_bit_exact(model, swapper, options, keys, swap_module._compute_dtype)
+            with RunMeter(args.device) as c:
+                swapper.restore()
+        if swapper_class is InPlaceSwapper:
+            mismatches = check_in_place(model, swapper_class, options)
+        verdict = ("bit-identical" if swapper_class is MergedSwapper else
+                   "within 8 ulp of each layer's max|W| of the fp32 formula (TF32 off)")
+        checks.append(f"{label}: {verdict if not mismatches else f'FAILED, {mismatches} layer×LoRA pairs off'}")
         restore = c.wall
-        swapped_back = all(model.model.get_parameter(k) is w for k, w in zip(keys, weights))
+        back = all(model.model.get_parameter(k) is w and torch.equal(w.detach().cpu(), b)
+                   for k, w, b in zip(keys, weights, before))
+        checks.append(f"{label}: original weights back after restore: {'yes' if back else 'FAILED'}")
+        mismatches += 0 if back else 1
+        runs = []
+        peak = peak_bytes(args.device, lambda: runs.append(run_seconds(swapper_class, model, options, args)))
+        run = runs[0]
+        rows.append((label, swap, swap_host, restore, run, peak, mismatches))
 
-    run = run_seconds(MergedSwapper, model, options, args)
-
-    swap, swap_host = statistics.median(wall), statistics.median(host)
-    per_layer_us = 1e6 * swap / len(keys)
-    print(f"\nper swap, median of {args.swaps}: wall {swap / call:.4f} UNet calls ({per_layer_us:.1f} µs per layer), "
-          f"host {swap_host / call:.4f} UNet calls (host ÷ wall {swap_host / swap:.2f}); restore {restore / call:.4f}")
-    print(f"a run's swap work (new swapper: plans, factor upload, patched copies allocated; LoRAs 0, 1, 2, 0; "
-          f"restore), median of {RUNS}: {run / call:.4f} UNet calls")
-    print(f"predicted bench_switch B / A (k = 3, τ = 5, {SWITCH_STEPS} steps): {1 + run / (SWITCH_STEPS * call):.3f} "
-          f"(from 4 steady swaps + restore: {1 + (SWITCH_ACTIVATIONS * swap + restore) / (SWITCH_STEPS * call):.3f})")
+    print(f"\n{'strategy':<27}{'per swap':>10}{'µs/layer':>10}{'host/wall':>10}{'restore':>9}{'run':>9}"
+          f"{'pred. B/A':>10}{'peak MiB':>10}   (UNet calls; per swap: median of {args.swaps}; run: median of {RUNS})")
+    for label, swap, swap_host, restore, run, peak, _ in rows:
+        print(f"{label:<27}{swap / call:>10.4f}{1e6 * swap / len(keys):>10.1f}{swap_host / swap:>10.2f}"
+              f"{restore / call:>9.4f}{run / call:>9.4f}{1 + run / (SWITCH_STEPS * call):>10.3f}"
+              f"{peak / 2**20 if args.device == 'cuda' else float('nan'):>10.0f}")
+    print(f"run = a run's swap work as the runtime does it (new swapper: plans, factor upload, copies or the "
+          f"originals' host backup; LoRAs 0, 1, 2, 0; restore). pred. B/A = bench_switch's B / A (k = 3, τ = 5, {SWITCH_STEPS} "
+          f"steps) ≈ 1 + run ÷ ({SWITCH_STEPS} UNet calls). peak = device memory a run allocates beyond the loaded "
+          f"model (CUDA only).")
     if args.device == "cuda":
         pinned = [w.detach().to("cpu").pin_memory() for w in weights]
         with RunMeter(args.device) as c:
@@ -185,10 +263,8 @@ def main() -> None:
                 w.data.copy_(p, non_blocking=True)  # the same values: the model is unchanged
         print(f"uploading the patched layers' originals from pinned memory ({patched_bytes / 2**20:.0f} MiB): "
               f"{c.wall / call:.4f} UNet calls ({patched_bytes / c.wall / 1e9:.1f} GB/s)")
-    print(f"check: swapped weights vs core's calculate_weight on {weights[0].device}: "
-          f"{'bit-identical' if mismatches == 0 else f'FAILED, {mismatches} layer×LoRA pairs differ'}; "
-          f"originals back after restore: {'yes' if swapped_back else 'FAILED'}")
-    if mismatches or not swapped_back:
+    print("checks against core's calculate_weight on the same device:\n  " + "\n  ".join(checks))
+    if any(row[-1] for row in rows):
         sys.exit(1)
 
 

@@ -30,6 +30,8 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp
      j's hook group, whose ``predict_noise`` picks j = (i // τ) % k from the step (i = last
      ``sample_sigmas`` entry ≥ σ) and calls ``comfy.samplers.sampling_function``; ``guider.sample``;
   E. ``LoraSetSwitch`` with strategy "unmerged" (k = 3);
+  L. (only with ``--methods`` naming it) ``LoraSetSwitch`` with strategy "merged-lowvram" (k = 3): swapped in the
+     model's own weights, the originals in host memory (no patched copy on the device);
   F/G/H. ``LoraSetSwitch`` with a ONE-entry set (one LoRA on all rows), strategy unmerged vs merged, at
      ranks 16 / 64 / 128, with the FLOP ratio that explains the overhead: per patched layer the
      adapter adds 2·r·(in+out)·tokens FLOPs (the layer itself is 2·in·out·tokens); summed over the
@@ -107,7 +109,9 @@ METHODS = {  # key → label
     "C": "C core hook keyframes",
     "D": "D core hook-group guider",
     "E": "E LoraSetSwitch unmerged",
+    "L": "L LoraSetSwitch merged-lowvram",
 }
+CORE_COMPARISON = set("ABCDE")  # the methods the comparison with core needs
 
 
 def build_model(args):
@@ -287,6 +291,8 @@ class Methods(SamplingMethods):
             return self.guider(names)
         if method == "E":
             return self.switch(names, "unmerged")
+        if method == "L":
+            return self.switch(names, "merged-lowvram")
         raise ValueError(method)
 
     def prepare_config(self, cfg):
@@ -522,8 +528,8 @@ def parse_args():
     p.add_argument("--no-unmerged-table", action="store_true", help="skip F/G/H (one-entry unmerged vs merged)")
     p.add_argument("--profile", action="store_true", help="always cProfile one B run (default: only on a missed target)")
     p.add_argument("--methods", default="ABCDE",
-                   help="which of A–E to run: ABCDE (default) or A and B with or without E (then the comparison "
-                        "with core is skipped, e.g. to give B / A more timed runs within --budget-s)")
+                   help="which of A–E and L to run: ABCDE (default), ABCDEL, or A and B with any of E and L (then "
+                        "the comparison with core is skipped, e.g. to give B / A more timed runs within --budget-s)")
     p.add_argument("--torch-profile", action="store_true",
                    help="after the timings, trace one run each of A, B and E (rank 16) with torch.profiler and print "
                         "where host and device time go (on cuda: kernels by device time)")
@@ -532,8 +538,10 @@ def parse_args():
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     chosen = set(args.methods.upper())
-    if not chosen <= set(METHODS) or not {"A", "B"} <= chosen or ({"C", "D"} & chosen and chosen != set(METHODS)):
-        p.error("--methods: A and B, plus E if wanted, or all of ABCDE (the comparison with core needs every method)")
+    if not chosen <= set(METHODS) or not {"A", "B"} <= chosen or ({"C", "D"} & chosen and
+                                                                  not CORE_COMPARISON <= chosen):
+        p.error("--methods: A and B, plus E and / or L if wanted, or all of ABCDE (the comparison with core needs "
+                "each of them)")
     args.methods = "".join(m for m in METHODS if m in chosen)
     mode = "quick" if args.quick else "default"
     args.steps = args.steps or STEPS[mode]
@@ -711,8 +719,9 @@ def check_outputs(args, outputs: dict, unmerged_ranks) -> None:
         o = {m: outputs[("main", m, rank)] for m in METHODS if ("main", m, rank) in outputs}
         if "D" not in o:
             line = f"check rank {rank}: B vs A {relative_difference(o['B'], o['A']):.2e} (must differ)"
-            if "E" in o:
-                line += f"; E vs B {relative_difference(o['E'], o['B']):.2e}"
+            for m in "EL":
+                if m in o:
+                    line += f"; {m} vs B {relative_difference(o[m], o['B']):.2e}"
             print(line + " (no core reference: C and D not run)")
             continue
         bd = relative_difference(o["B"], o["D"])
@@ -720,6 +729,8 @@ def check_outputs(args, outputs: dict, unmerged_ranks) -> None:
                 f"{guard_verdict(args, bd, MATCH_REL)}); C vs D {relative_difference(o['C'], o['D']):.2e}; "
                 f"E vs B {relative_difference(o['E'], o['B']):.2e}; B vs A {relative_difference(o['B'], o['A']):.2e} "
                 "(must differ: the LoRAs switch)")
+        if "L" in o:
+            line += f"; L vs B {relative_difference(o['L'], o['B']):.2e}"
         print(line)
         if relative_difference(o["B"], o["A"]) < 10 * MATCH_REL:
             print(f"WARNING: rank {rank}: the LoRAs change the output by less than 10× the guard's tolerance; "

@@ -27,6 +27,7 @@ import comfy.patcher_extension as pe
 import torch
 
 from . import batching
+from .inplace_swap import InPlaceSwapper, backup_bytes, in_place_obstacle
 from .layers import build_layer_plans
 from .lowrank_terms import LowRankTerms
 from .merged_swap import MergedSwapper, held_bytes
@@ -34,7 +35,8 @@ from .step_tracker import StepTracker, probe_steps
 from .unmerged import Routing, UnmergedAdapters
 
 
-STRATEGIES = ("auto", "merged", "unmerged")
+STRATEGIES = ("auto", "merged", "unmerged", "merged-lowvram")
+MERGED = ("merged", "merged-lowvram")  # the strategies that rewrite the model's weights during a run
 _ids = itertools.count()
 log = logging.getLogger("LoRA Composer")
 
@@ -62,7 +64,7 @@ def cfg_reads_network_state(model_options: dict) -> bool:
 @dataclass
 class RunState:
     tracker: StepTracker
-    swapper: MergedSwapper | None = None
+    swapper: MergedSwapper | InPlaceSwapper | None = None
     hooks: UnmergedAdapters | None = None
     routing: Routing = field(default_factory=Routing)
     step: int = 0
@@ -145,11 +147,13 @@ class AdapterRuntime:
           back into whatever Parameters are there then — with a swap in between, into the model's own weights
           (a leak of the LoRA into the base model, measured before this rule).
 
-        And ``auto`` does not swap on an accelerator whose free memory cannot hold the swap's patched copy next to
-        the sampling run's own needs (``merged_copy_fits``): better the hooks' few extra FLOPs than out of memory.
+        And ``auto`` does not keep a patched copy on an accelerator whose free memory cannot hold it next to the
+        sampling run's own needs (``merged_copy_fits``): then it swaps in place, the originals in host memory
+        (``merged-lowvram``, ``in_place_fits``), and where that cannot be either, runs the hooks: better their few
+        extra FLOPs than out of memory.
         """
         strategy = self.chosen_strategy()
-        if strategy != "merged":
+        if strategy not in MERGED:
             return strategy
         reason = None
         if id(base_model) in _SWAPPING:
@@ -158,13 +162,27 @@ class AdapterRuntime:
                                                              getattr(base_model, "current_patcher", None))):
             reason = "ComfyUI hook LoRAs on the conditioning rewrite the same weights during sampling"
         if reason is not None:
-            if self.strategy == "merged":
+            if self.strategy in MERGED:
                 log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
             return "unmerged"
-        if self.strategy == "auto" and device.type != "cpu" and noise_shape:
+        if strategy == "merged-lowvram" or (self.strategy == "auto" and device.type != "cpu" and noise_shape):
+            obstacle = in_place_obstacle(base_model, self.options)
+            if strategy == "merged-lowvram":
+                if obstacle is not None:
+                    log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
+                                obstacle)
+                    return "unmerged"
+                return strategy
             fits, why = self.merged_copy_fits(base_model, device, noise_shape)
             if not fits:
-                log.info("[LoRA Composer] %s: %s; running unmerged (LoRAs as adapters, no weight copy).", self.key, why)
+                in_place, why_not = (False, obstacle) if obstacle else self.in_place_fits(base_model, device,
+                                                                                            noise_shape)
+                if in_place:
+                    log.info("[LoRA Composer] %s: %s; swapping the LoRAs into the weights in place instead (their "
+                             "originals in host memory).", self.key, why)
+                    return "merged-lowvram"
+                log.info("[LoRA Composer] %s: %s, and not in place either (%s); running unmerged (LoRAs as adapters, "
+                         "no weight copy).", self.key, why, why_not)
                 return "unmerged"
         return strategy
 
@@ -185,13 +203,33 @@ class AdapterRuntime:
         """Whether ``merged_copy_bytes`` fit in the free memory next to what ComfyUI estimates one model call of
         this latent needs (cond and uncond rows, as ``comfy.sampler_helpers.estimate_memory``); and why not."""
         copy = self.merged_copy_bytes(base_model)
-        shape = [noise_shape[0] * 2] + list(noise_shape[1:])
-        inference = base_model.memory_required(shape)
+        inference = self._inference_bytes(base_model, noise_shape)
         free = self.free_memory(device)
         if copy + inference <= free:
             return True, ""
         return False, (f"the merged strategy's patched weight copy ({copy / 2**20:.0f} MiB) does not fit next to "
                        f"sampling ({inference / 2**20:.0f} MiB) in the {free / 2**20:.0f} MiB free on {device}")
+
+    def in_place_fits(self, base_model, device: torch.device, noise_shape: Sequence[int]) -> tuple[bool, str]:
+        """Whether an in-place swap (``InPlaceSwapper``) fits: on the device only the LoRA factors next to sampling,
+        in host memory the originals of the LoRA'd layers; and why not."""
+        factors = self.low_rank_terms().device_bytes()
+        inference = self._inference_bytes(base_model, noise_shape)
+        free = self.free_memory(device)
+        if factors + inference > free:
+            return False, (f"the LoRA factors ({factors / 2**20:.0f} MiB) do not fit next to sampling in the "
+                           f"{free / 2**20:.0f} MiB free on {device}")
+        backup = backup_bytes(base_model, self.options)
+        host = self.free_memory(torch.device("cpu"))
+        if backup > host:
+            return False, (f"the originals of the LoRA'd layers ({backup / 2**20:.0f} MiB) do not fit in the "
+                           f"{host / 2**20:.0f} MiB of free host memory")
+        return True, ""
+
+    @staticmethod
+    def _inference_bytes(base_model, noise_shape: Sequence[int]) -> int:
+        shape = [noise_shape[0] * 2] + list(noise_shape[1:])
+        return base_model.memory_required(shape)
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
@@ -204,6 +242,9 @@ class AdapterRuntime:
         if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets,
                                         terms=self.low_rank_terms())
+            _SWAPPING[id(base_model)] = self.key
+        elif strategy == "merged-lowvram":
+            run.swapper = InPlaceSwapper(base_model, self.options, terms=self.low_rank_terms())
             _SWAPPING[id(base_model)] = self.key
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)

@@ -21,7 +21,7 @@ class LowRankTerms:
     def __init__(self, patches_per_option: list[dict[str, list]]):
         self._index: dict[int, int] = {}  # id(source tensor) → matrix index
         self._sources: list[torch.Tensor] = []  # held, so that an id stays its tensor's
-        self._on: dict[torch.device, list[torch.Tensor]] = {}
+        self._on: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         self._host: dict[torch.dtype, tuple[torch.Tensor, list[int]]] | None = None  # see _packed
         self._terms: dict[tuple[int, str], list[Term] | None] = {
             (j, key): self.terms_of(patches) for j, option in enumerate(patches_per_option)
@@ -63,23 +63,25 @@ class LowRankTerms:
         source = self._sources[index]
         return source.shape[0], source[0].numel() if source.shape[0] else 0
 
-    def device_bytes(self) -> int:
-        """What ``matrices`` holds on another device: every matrix in fp32."""
-        return sum(4 * rows * cols for rows, cols in map(self.shape, range(len(self._sources))))
+    def device_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """What ``matrices`` holds on another device: every matrix in ``dtype``."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(size * rows * cols for rows, cols in map(self.shape, range(len(self._sources))))
 
-    def matrices(self, device: torch.device) -> list[torch.Tensor]:
-        """Every registered matrix as fp32 ``[rows, cols]`` on ``device`` (kept until ``release``)."""
-        hit = self._on.get(device)
+    def matrices(self, device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Every registered matrix as ``[rows, cols]`` in ``dtype`` on ``device`` (kept until ``release``): fp32 for
+        core's arithmetic, the weight's dtype where a GEMM adds straight into the weight (``InPlaceSwapper``)."""
+        hit = self._on.get((device, dtype))
         if hit is None:
-            hit = self._on[device] = self._move(device)
+            hit = self._on[(device, dtype)] = self._move(device, dtype)
         return hit
 
-    def _move(self, device: torch.device) -> list[torch.Tensor]:
-        if all(s.device == device for s in self._sources):  # the CPU: no copy for fp32 sources
-            return [s.to(torch.float32).flatten(1) for s in self._sources]
+    def _move(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        if all(s.device == device for s in self._sources):  # the CPU: no copy for sources already in dtype
+            return [s.to(dtype).flatten(1) for s in self._sources]
         out: list[torch.Tensor | None] = [None] * len(self._sources)
         for packed, members in self._packed(device).values():
-            flat = packed.to(device, non_blocking=packed.is_pinned()).to(torch.float32)
+            flat = packed.to(device, non_blocking=packed.is_pinned()).to(dtype)
             out_views = self.unpacked(flat, members)
             for index in members:
                 out[index] = out_views[index]
@@ -116,6 +118,6 @@ class LowRankTerms:
     def release(self) -> None:
         """Drop the device copies (the end of a run); the terms stay for the next, and so do the matrices on the
         sources' own device when they are the sources themselves (fp32: views, nothing held beyond the LoRA)."""
-        self._on = {device: matrices for device, matrices in self._on.items()
+        self._on = {on: matrices for on, matrices in self._on.items()
                     if all(m.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
                            for m, s in zip(matrices, self._sources))}

@@ -9,8 +9,9 @@ Memory: the Parameter objects found at the start are kept by reference (as Comfy
 does) and put back at the end, so besides the LoRA tensors we hold one patched copy per layer — the
 same as one statically applied LoRA — plus scratch the size of the largest layer (at most 8 bytes per
 element, see ``held_bytes``). On a GPU the fast path's LoRA factors are moved to it once per run, in one
-copy (``LowRankTerms``: the LoRA tensors on the device).
-Only Parameters this swapper made are ever rewritten in place.
+copy (``LowRankTerms``: the LoRA tensors on the device). On a GPU that patched copy is one more than a static LoRA
+holds (core keeps a static LoRA's originals on the offload device); ``inplace_swap.InPlaceSwapper`` is the form
+without it. Only Parameters this swapper made are ever rewritten in place.
 
 Speed: a switch is paid inside the sampling loop, and on a GPU its arithmetic is small (21 ms of device
 time for 4 swaps of 192 layers of an 859 M UNet on an H100) while its host time was not: kernel launches
@@ -61,6 +62,43 @@ def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, l
 def _compute_dtype(device) -> torch.dtype:
     # 0.9.2 may compute LoRA patches in fp16 on GPUs; 0.3.64 always used fp32. Match the running core.
     return mm.lora_compute_dtype(device) if hasattr(mm, "lora_compute_dtype") else torch.float32
+
+
+def normalize_option(option):
+    """An option in its canonical form: a one-hot weight vector is that entry (its exact patch lists), an all-zero
+    one is ``None`` (no LoRA)."""
+    if isinstance(option, tuple) and sum(1 for w in option if w != 0) == 1 and max(option) == 1.0:
+        return option.index(1.0)
+    if isinstance(option, tuple) and not any(option):
+        return None
+    return option
+
+
+def option_patch_lists(options: list[dict[str, list]], option, key: str) -> list | None:
+    """The patch list ``option`` applies to ``key``: an entry's own, or for a weight vector every entry's lists
+    with their strengths scaled by the entry's weight (several LoRAs at once); None where nothing patches it."""
+    if option is None:
+        return None
+    if isinstance(option, int):
+        return options[option].get(key)
+    lists = []
+    for weight, entry_option in zip(option, options):
+        if weight != 0:
+            lists += [(p[0] * weight, *p[1:]) for p in entry_option.get(key, [])]
+    return lists or None
+
+
+def core_patched_weight(key: str, original: torch.Tensor, patches: list, convert=None) -> torch.Tensor:
+    """``original`` with ``patches`` applied exactly as ``ModelPatcher.patch_weight_to_device`` does: a copy in the
+    LoRA compute dtype, ``calculate_weight``, then core's rounding back to the weight's dtype (``stochastic_rounding``
+    with the key's seed; a plain cast for fp32, fp16 and bf16, where its seed does not matter)."""
+    temp = original.to(_compute_dtype(original.device), copy=True)
+    if convert is not None:
+        temp = convert(temp, inplace=True)
+    out = comfy.lora.calculate_weight(patches, temp, key)
+    if comfy_float is not None and original.dtype not in _FAST_DTYPES:
+        return comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(key))
+    return out.to(original.dtype)
 
 
 class _Layer:
@@ -291,10 +329,7 @@ class MergedSwapper:
         ``option`` is an entry index, ``None`` (no LoRA: the original Parameters, free), or a tuple of
         per-entry weights (several LoRAs at once: their patch lists concatenated, strengths scaled).
         """
-        if isinstance(option, tuple) and sum(1 for w in option if w != 0) == 1 and max(option) == 1.0:
-            option = option.index(1.0)  # a one-hot vector is that entry: share its exact patch lists
-        if isinstance(option, tuple) and not any(option):
-            option = None
+        option = normalize_option(option)
         if option == self.active:
             return False
         cached = self._cache.get(option)
@@ -358,16 +393,8 @@ class MergedSwapper:
     def _set_general(self, layer: _Layer, patches: list) -> None:
         if layer.set_func is not None:
             raise NotImplementedError(f"{layer.key}: quantized weights need the unmerged runtime")
-        original = layer.original
         self._release(layer)
-        temp = original.to(_compute_dtype(original.device), copy=True)
-        if layer.convert is not None:
-            temp = layer.convert(temp, inplace=True)
-        out = comfy.lora.calculate_weight(patches, temp, layer.key)
-        if comfy_float is not None and original.dtype not in _FAST_DTYPES:
-            out = comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(layer.key))
-        else:  # stochastic_rounding is a plain cast for these dtypes (its seed only matters for fp8)
-            out = out.to(original.dtype)
+        out = core_patched_weight(layer.key, layer.original, patches, layer.convert)
         buffer = self._spare.pop(layer.key, None)
         if buffer is not None and buffer.shape == out.shape and buffer.dtype == out.dtype:
             buffer.copy_(out)  # our previous copy takes the result: never two per layer
@@ -377,15 +404,7 @@ class MergedSwapper:
             layer.put(self._own(out))
 
     def patch_lists(self, option, key: str) -> list | None:
-        if option is None:
-            return None
-        if isinstance(option, int):
-            return self.options[option].get(key)
-        lists = []
-        for weight, entry_option in zip(option, self.options):
-            if weight != 0:
-                lists += [(p[0] * weight, *p[1:]) for p in entry_option.get(key, [])]
-        return lists or None
+        return option_patch_lists(self.options, option, key)
 
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""

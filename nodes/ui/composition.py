@@ -34,10 +34,13 @@ class LoraSetSwitch:
             "clip": ("CLIP", {"tooltip": "Text encoder: all LoRAs' text-encoder parts are applied (summed)."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: bake the active LoRA into the weights, swapped "
-                                                       "when it changes (fastest; on a GPU it keeps one patched "
-                                                       "copy of the LoRA'd weights in memory). unmerged: add it to "
-                                                       "layer outputs, no weight copy. auto: merged where that copy "
-                                                       "fits in free memory. Same images (up to GPU rounding)."}),
+                                                       "when it changes (fastest, exact; on a GPU it keeps one "
+                                                       "patched copy of the LoRA'd weights in memory). "
+                                                       "merged-lowvram: swapped in the model's own weights, their "
+                                                       "originals in RAM (no copy in VRAM; equal up to rounding). "
+                                                       "unmerged: add it to layer outputs, no weight copy. auto: "
+                                                       "merged where that copy fits in free memory, else "
+                                                       "merged-lowvram. Same images (up to GPU rounding)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -74,7 +77,8 @@ class LoraSetComposite:
                                             "tooltip": "unmerged: one k-times batch with per-row LoRAs (split "
                                                        "to fit free memory). merged: k sequential passes, each "
                                                        "LoRA's weights recomputed in place. auto: unmerged "
-                                                       "(measured faster on CPUs and GPUs). Neither keeps a "
+                                                       "(measured faster on CPUs and GPUs). merged-lowvram: as "
+                                                       "merged, in the model's own weights. None keeps a "
                                                        "weight copy per LoRA."}),
         }}
 
@@ -106,9 +110,10 @@ class AutoLoraGuidance:
         }, "optional": {
             "clip": ("CLIP", {"tooltip": "Text encoder: the LoRAs' text-encoder parts are applied (summed)."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
-                                            "tooltip": "merged: base and LoRA passes with swapped weights. "
-                                                       "unmerged: one batch with per-row LoRAs. auto: unmerged "
-                                                       "(measured faster), merged at γ = 0 or 1 (one pass)."}),
+                                            "tooltip": "merged: base and LoRA passes with swapped weights "
+                                                       "(merged-lowvram: swapped in the model's own weights, no "
+                                                       "copy). unmerged: one batch with per-row LoRAs. auto: "
+                                                       "unmerged (measured faster), merged at γ = 0 or 1 (one pass)."}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -151,7 +156,8 @@ class AutoLoraGuider:
             "mix": (list(MIX_MODES), {"default": "cfg-then-blend", "tooltip": "Where the γ blend happens."}),
             "strategy": (list(STRATEGIES), {"default": "auto", "advanced": True,
                                             "tooltip": "merged: base and LoRA branches one after the other with "
-                                                       "swapped weights. unmerged: both branches' cond and uncond "
+                                                       "swapped weights (merged-lowvram: swapped in the model's own "
+                                                       "weights, no copy). unmerged: both branches' cond and uncond "
                                                        "in one batch with per-row LoRAs. auto: unmerged (measured "
                                                        "faster), merged when γ stays 0 or 1 (one branch)."}),
         }}

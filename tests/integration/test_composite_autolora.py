@@ -155,6 +155,9 @@ def test_composite_batched_equals_sequential_and_splits_to_fit(env, setup):
     m, _, runtime, _ = composition.composite_lora_set(model, None, s, strategy="unmerged")
     batched = sample_model(m, pos, neg, 4.0)
     assert close(batched, seq, rel=1e-4)  # per-row low-rank path vs merged weights: float order differs
+    in_place = sample_model(call_node("LoraSetComposite", model=model, lora_set=s, strategy="merged-lowvram")[0],
+                            pos, neg, 4.0)
+    assert close(in_place, seq)  # the same merged passes, weights swapped in place (rounding per update)
     assert runtime.forwards[-1] == 4, "one batched forward per model call (4 euler steps)"
     need = None
 
@@ -286,12 +289,12 @@ def test_autolora_guider_separate_cfg(env, setup):
                                                         pos, neg, 6.0))
 
 
-@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("strategy", ["merged", "merged-lowvram", "unmerged"])
 @pytest.mark.parametrize("cfg_base, cfg_lora, gamma", [(3.0, 6.0, 0.6), (1.0, 6.0, 0.6), (4.0, 1.0, -0.4)])
 def test_autolora_guider_strategies_equal_the_reference(env, setup, strategy, cfg_base, cfg_lora, gamma):
-    """Merged (a pass per branch, weights swapped) and unmerged (both branches' conds in ONE batched network call,
-    rows routed by cond) against the independent reference, including a branch whose cfg is 1 (core's shortcut:
-    its uncond is not evaluated). Network evaluations per step: 2 merged, 1 unmerged."""
+    """Merged (a pass per branch, weights swapped; as a copy or in place) and unmerged (both branches' conds in ONE
+    batched network call, rows routed by cond) against the independent reference, including a branch whose cfg is 1
+    (core's shortcut: its uncond is not evaluated). Network evaluations per step: 2 merged, 1 unmerged."""
     model, names, pos, neg = setup
     s = lora_set(names[:2], [0.9, 0.6])
     (guider,) = call_node("AutoLoraGuider", model=model, lora_set=s, positive=pos, negative=neg, cfg_base=cfg_base,
@@ -300,7 +303,7 @@ def test_autolora_guider_strategies_equal_the_reference(env, setup, strategy, cf
     refs = [(baked(env, None), 1 - gamma), (baked(env, s), gamma)]
     want = sample_guider(reference_guider(model, refs, [cfg_base, cfg_lora], pos, neg, cfg_lora), steps=3)
     assert close(got, want), (got - want).abs().max().item()
-    assert guider.runtime.forwards[-1] == (6 if strategy == "merged" else 3)
+    assert guider.runtime.forwards[-1] == (6 if strategy.startswith("merged") else 3)
 
 
 @pytest.mark.parametrize("mix", ["cfg-then-blend", "blend-then-cfg"])
@@ -750,9 +753,11 @@ def test_auto_strategy_choice(env, setup):
 def test_auto_merged_needs_room_for_its_weight_copy(env, setup, caplog):
     """On an accelerator a merged run holds one patched copy of the LoRA'd weights beyond a static LoRA (ComfyUI
     keeps a static LoRA's originals on the offload device, the swapper keeps them in place: 1.2 GB of VRAM on the
-    H100 benchmark). auto swaps only where that copy fits in the free memory next to ComfyUI's estimate for one
-    model call (cond + uncond rows); otherwise it runs unmerged and logs why. An explicit ``merged`` is kept; on a
-    CPU (where a static LoRA holds both copies as well) memory does not limit the choice."""
+    H100 benchmark). auto keeps that copy only where it fits in the free memory next to ComfyUI's estimate for one
+    model call (cond + uncond rows); otherwise it swaps in place (``merged-lowvram``: only the LoRA factors on the
+    device, the originals in host memory), and where the host cannot hold the originals either, runs unmerged; it
+    logs why. An explicit ``merged`` is kept; on a CPU (where a static LoRA holds both copies as well) memory does
+    not limit the choice."""
     import comfy.utils
     model, names, _, _ = setup
     composition = env.engine("nodes.composition")
@@ -768,10 +773,22 @@ def test_auto_merged_needs_room_for_its_weight_copy(env, setup, caplog):
     room = copy + base.memory_required([2, 4, 8, 8])
     runtime.free_memory = lambda device: room
     assert runtime.strategy_for_run(None, base, cuda, shape) == "merged"
-    runtime.free_memory = lambda device: room - 1
+    inplace = env.engine("nodes.runtime.inplace_swap")
+    originals = inplace.backup_bytes(base, runtime.options)
+    assert originals >= sum(w.numel() * 4 for w in weights)
+    runtime.free_memory = lambda device: room - 1 if device.type == "cuda" else originals
+    with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+        assert runtime.strategy_for_run(None, base, cuda, shape) == "merged-lowvram"
+    assert "does not fit" in caplog.text and f"{copy / 2**20:.0f} MiB" in caplog.text and "in place" in caplog.text
+    caplog.clear()
+    runtime.free_memory = lambda device: room - 1 if device.type == "cuda" else originals - 1
     with caplog.at_level(logging.INFO, logger="LoRA Composer"):
         assert runtime.strategy_for_run(None, base, cuda, shape) == "unmerged"
-    assert "does not fit" in caplog.text and f"{copy / 2**20:.0f} MiB" in caplog.text
+    assert "not in place either" in caplog.text and "free host memory" in caplog.text
+    low = composition.switch_lora_set(model, None, lora_set(names), 2, "paper", strategy="merged-lowvram")[2]
+    low.free_memory = lambda device: 0
+    assert low.strategy_for_run(None, base, cuda, shape) == "merged-lowvram"
+    assert low.strategy_for_run(None, base, torch.device("cpu"), shape) == "merged-lowvram"
     assert runtime.strategy_for_run(None, base, torch.device("cpu"), shape) == "merged"
     explicit = composition.switch_lora_set(model, None, lora_set(names), 2, "paper", strategy="merged")[2]
     explicit.free_memory = lambda device: 0

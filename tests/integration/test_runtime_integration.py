@@ -38,14 +38,15 @@ def close(a, b, rel=1e-5):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
 
-@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("strategy", ["merged", "merged-lowvram", "unmerged"])
 def test_lowvram_modules_with_static_patches(env, setup, strategy):
     """Modules left on the offload device (ComfyUI's LowVram path) still get the runtime's LoRA, on top
     of a statically applied LoRA that ComfyUI applies per forward through LowVramPatch."""
     import comfy.model_management as mm
 
     model, _, names, _, _ = setup
-    layers, unmerged, swap = (env.engine(f"nodes.runtime.{m}") for m in ("layers", "unmerged", "merged_swap"))
+    layers, unmerged, swap, inplace = (env.engine(f"nodes.runtime.{m}")
+                                       for m in ("layers", "unmerged", "merged_swap", "inplace_swap"))
     patching = env.engine("nodes.patching")
     static_a = call_node("LoraSetApply", model=model, lora_set=lora_set(names[:1]))[0]
     both = call_node("LoraSetApply", model=model, lora_set=lora_set(names))[0]
@@ -62,8 +63,8 @@ def test_lowvram_modules_with_static_patches(env, setup, strategy):
         assert any(getattr(m, "weight_function", None) for m in static_a.model.modules()), "LowVram not active"
         options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None,
                                                                                       lora_set(names[1:]))]
-        if strategy == "merged":
-            swapper = swap.MergedSwapper(static_a.model, options)
+        if strategy.startswith("merged"):
+            swapper = (swap.MergedSwapper if strategy == "merged" else inplace.InPlaceSwapper)(static_a.model, options)
             swapper.activate(0)
             with torch.no_grad():
                 got = static_a.model.apply_model(x, t, c_crossattn=ctx).float()

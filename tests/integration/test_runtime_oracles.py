@@ -220,6 +220,84 @@ def test_in_place_swaps_bit_exact_in_other_dtypes(env, weights, compute, monkeyp
     _assert_in_place_swaps_bit_exact(env, model, cached_sets=0)
 
 
+# In-place swaps round once per incremental update (see inplace_swap): their weights are held to core's static
+# patching within this many units of the weight dtype's precision, relative to the layer's largest weight.
+IN_PLACE_EPS = {"fp32": 8, "fp16": 4, "bf16": 4}
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fp16", "bf16"])
+def test_in_place_low_vram_swaps_match_core_patching(env, weights):
+    """``InPlaceSwapper`` (strategy ``merged-lowvram``): every activation — plain LoRA / LoCon swapped by ``addmm_``
+    into the weights, Tucker and DoRA rewritten from the host copy of the originals, a mixture, ``None`` — matches
+    core's static patching of that option within ``IN_PLACE_EPS`` (fp32: 8 · 2⁻²³ ≈ 1e-6 of the layer's largest
+    weight, inside the 1e-5 bound), through 60 switches so that rewrites from the originals (every 16th update in
+    fp32, 2nd in half precision) keep the drift bounded. The model's Parameters are never replaced (no copy is held)
+    and ``restore`` brings the original values back bit for bit."""
+    model = build_unet("sd15", seed=81, dtype=DTYPES[weights])
+    _formats(env, model)
+    patching = env.engine("nodes.patching")
+    inplace = env.engine("nodes.runtime.inplace_swap")
+    names, strengths = ["lora", "locon", "tucker", "dora"], [0.7, -1.3, 0.9, 1.0]
+    options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None, _set(names, strengths))]
+    core = [_core_weights(model, _set([n], [sm])) for n, sm in zip(names, strengths)]
+    core_mixture = _core_weights(model, _set(["lora", "locon"], [0.7 * 0.5, -1.3 * 0.25]))
+    snapshot = weights_snapshot(model.model)
+    before = dict(model.model.named_parameters())
+    pointers = {k: v.data_ptr() for k, v in before.items()}
+    swapper = inplace.InPlaceSwapper(model.model, options)
+    eps = IN_PLACE_EPS[weights] * torch.finfo(DTYPES[weights]).eps
+    order = [0, 1, 0, 2, 3, 1, 2, 0] + [0, 1] * 26
+    for n, j in enumerate(order):
+        swapper.activate(j)
+        _assert_weights_close(model, core[j], eps, (n, names[j]))
+    swapper.activate((0.5, 0.25, 0.0, 0.0))
+    _assert_weights_close(model, core_mixture, eps, "mixture")
+    swapper.activate(None)
+    _assert_weights_close(model, snapshot, eps, "no LoRA")
+    assert all(v is before[k] and v.data_ptr() == pointers[k] for k, v in model.model.named_parameters())
+    assert swapper.fast_writes > 10 * len(options[0]) and swapper.exact_writes > 0
+    swapper.activate(2)
+    swapper.restore()
+    assert all(v is before[k] for k, v in model.model.named_parameters())
+    assert all(torch.equal(snapshot[k], v) for k, v in model.model.state_dict().items())
+
+
+def _core_weights(model, lora_set) -> dict[str, torch.Tensor]:
+    import comfy.model_management as mm
+    static = call_node("LoraSetApply", model=model, lora_set=lora_set)[0]
+    mm.load_models_gpu([static], force_full_load=True)
+    try:
+        return weights_snapshot(static.model)
+    finally:
+        mm.unload_all_models()
+
+
+def _assert_weights_close(model, expected: dict[str, torch.Tensor], eps: float, label) -> None:
+    ours = weights_snapshot(model.model)
+    for k, want in expected.items():
+        error = (ours[k].double() - want.double()).abs().max().item()
+        assert error <= eps * want.abs().max().item(), (label, k, error / want.abs().max().item() / eps)
+
+
+def test_in_place_swap_is_refused_for_tied_weights(env):
+    """Two keys sharing one tensor would be patched twice by in-place writes: ``in_place_obstacle`` names them, and
+    the runtime then runs unmerged (with a warning) even when ``merged-lowvram`` was asked for."""
+    model = build_unet("sd15", seed=81)
+    _formats(env, model)
+    patching = env.engine("nodes.patching")
+    inplace = env.engine("nodes.runtime.inplace_swap")
+    options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None, _set(["lora"], [1.0]))]
+    assert inplace.in_place_obstacle(model.model, options) is None
+    import comfy.utils
+    by_shape: dict[tuple, list[str]] = {}
+    for key in sorted(options[0]):
+        by_shape.setdefault(tuple(comfy.utils.get_attr(model.model, key).shape), []).append(key)
+    first, second = next(keys for keys in by_shape.values() if len(keys) > 1)[:2]
+    module_path, _, name = second.rpartition(".")
+    setattr(comfy.utils.get_attr(model.model, module_path), name, comfy.utils.get_attr(model.model, first))
+    assert "share one tensor" in inplace.in_place_obstacle(model.model, options)
+
+
 def test_unmerged_in_bfloat16_is_as_accurate_as_core_patching(env):
     """A bf16 model: each hook casts its LoRA factors, dense deltas and bias offsets once per run to the dtype its
     layer computes in. Against the same network in fp32 (the bf16 weights upcast, core patching), the unmerged
@@ -312,7 +390,7 @@ def test_low_rank_terms_are_worked_out_once_and_serve_every_run(env, model):
             swapper.activate(j)
         weights = weights_snapshot(model.model)
         swapper.restore()
-        assert list(terms._on) == [torch.device("cpu")], "only views of the (fp32, CPU) LoRA tensors are kept"
+        assert list(terms._on) == [(torch.device("cpu"), torch.float32)], "only views of the fp32 CPU LoRAs are kept"
         if first is None:
             first = weights
         assert all(torch.equal(first[k], v) for k, v in weights.items())

@@ -100,6 +100,32 @@ def test_switch_equals_step_by_step_reference(env, setup, sampler_name, schedule
     assert not close(got, wrong), "the test cannot tell LoRAs apart"
 
 
+@pytest.mark.parametrize("sampler_name", ["euler", "heun"])
+def test_merged_lowvram_equals_step_by_step_reference(env, setup, sampler_name, monkeypatch):
+    """The in-place swap (``merged-lowvram``: W += ΔW_new − ΔW_old in the model's own weights, originals in host
+    memory) against the same reference, switching at every step so that incremental updates and rewrites from the
+    originals (here every 2nd update) both happen; the model's Parameters are the same objects throughout. Run
+    under ``torch.inference_mode`` as ComfyUI's executor runs nodes (in-place writes to normal tensors there)."""
+    model, names, pos, neg = setup
+    schedules = env.engine("nodes.runtime.schedules")
+    strengths = [1.0, 0.7, -0.5]
+    sig = sigmas_for(model, 6)
+    latent = torch.zeros(1, 4, 8, 8)
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(latent, 3)
+    before = dict(model.model.named_parameters())
+    monkeypatch.setitem(env.engine("nodes.runtime.inplace_swap").REFRESH_EVERY, torch.float32, 2)
+    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, lora_set(names, strengths), 1,
+                                                                       "paper", "merged-lowvram")
+    with torch.inference_mode():
+        got = run_custom(sw, sampler_name, sig, pos, neg, noise, latent)
+    assert runtime.strategies[-1] == "merged-lowvram"
+    assert all(v is before[k] for k, v in model.model.named_parameters())
+    want = reference(model, names, strengths, lambda i: schedules.switch_index(i, 3, 1, "paper"), sampler_name, sig,
+                     pos, neg, latent)
+    assert close(got, want), (got - want).abs().max().item()
+
+
 def test_heun_second_stage_stays_on_its_step(env, setup):
     model, names, pos, neg = setup
     import comfy.sample
@@ -170,7 +196,7 @@ def test_ksampler_nodes_and_clean_model_afterwards(env, setup):
     assert not any("lora_composer" in k for v in model.wrappers.values() for k in v), "wrappers leaked onto input"
 
 
-@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("strategy", ["merged", "merged-lowvram", "unmerged"])
 def test_interrupted_sampling_leaves_model_clean(env, setup, strategy):
     model, names, pos, neg = setup
     import comfy.sample
