@@ -165,16 +165,17 @@ class AdapterRuntime:
             if self.strategy in MERGED:
                 log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
             return "unmerged"
-        if strategy == "merged-lowvram" or (self.strategy == "auto" and device.type != "cpu" and noise_shape):
+        if strategy == "merged-lowvram":
             obstacle = in_place_obstacle(base_model, self.options)
-            if strategy == "merged-lowvram":
-                if obstacle is not None:
-                    log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
-                                obstacle)
-                    return "unmerged"
-                return strategy
+            if obstacle is not None:
+                log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
+                            obstacle)
+                return "unmerged"
+            return strategy
+        if self.strategy == "auto" and device.type != "cpu" and noise_shape:
             fits, why = self.merged_copy_fits(base_model, device, noise_shape)
             if not fits:
+                obstacle = in_place_obstacle(base_model, self.options)
                 in_place, why_not = (False, obstacle) if obstacle else self.in_place_fits(base_model, device,
                                                                                             noise_shape)
                 if in_place:

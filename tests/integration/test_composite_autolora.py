@@ -559,7 +559,7 @@ def test_unmerged_routing_holds_with_area_and_mask_conditioning(env, setup):
         assert close(unmerged, merged), (what, (unmerged - merged).abs().max().item())
 
 
-@pytest.mark.parametrize("strategy", ["merged", "unmerged"])
+@pytest.mark.parametrize("strategy", ["merged", "merged-lowvram", "unmerged"])
 def test_stacked_runtimes_compose_exactly(env, setup, strategy, caplog):
     """LoraSetComposite (LoRAs 1, 2) → AutoLoraGuider (LoRA 3) on its output: the guider's LoRA branch is
     Composite's average with LoRA 3 on top. Two merged swappers on one model would overwrite each other's LoRAs, so
@@ -576,9 +576,9 @@ def test_stacked_runtimes_compose_exactly(env, setup, strategy, caplog):
     with caplog.at_level(logging.WARNING):
         got = sample_guider(guider, steps=2)
     strategies = sorted([comp_runtime.strategies[-1], guider.runtime.strategies[-1]])
-    assert strategies == (["merged", "unmerged"] if strategy == "merged" else ["unmerged", "unmerged"])
+    assert strategies == sorted([strategy, "unmerged"])
     assert any("stacked on another LoRA Composer node" in r.getMessage() for r in caplog.records) == (
-        strategy == "merged")
+        strategy != "unmerged")
     assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
 
     m1, m2 = baked(env, lora_set(names[0:1])), baked(env, lora_set(names[1:2]))

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -279,7 +281,7 @@ def _assert_weights_close(model, expected: dict[str, torch.Tensor], eps: float, 
         assert error <= eps * want.abs().max().item(), (label, k, error / want.abs().max().item() / eps)
 
 
-def test_in_place_swap_is_refused_for_tied_weights(env):
+def test_in_place_swap_is_refused_for_tied_weights(env, caplog):
     """Two keys sharing one tensor would be patched twice by in-place writes: ``in_place_obstacle`` names them, and
     the runtime then runs unmerged (with a warning) even when ``merged-lowvram`` was asked for."""
     model = build_unet("sd15", seed=81)
@@ -296,6 +298,11 @@ def test_in_place_swap_is_refused_for_tied_weights(env):
     module_path, _, name = second.rpartition(".")
     setattr(comfy.utils.get_attr(model.model, module_path), name, comfy.utils.get_attr(model.model, first))
     assert "share one tensor" in inplace.in_place_obstacle(model.model, options)
+    runtime = env.engine("nodes.composition").switch_lora_set(model, None, _set(["lora"], [1.0]), 2, "paper",
+                                                              "merged-lowvram")[2]
+    with caplog.at_level(logging.WARNING, logger="LoRA Composer"):
+        assert runtime.strategy_for_run(None, model.model, torch.device("cpu"), (1, 4, 8, 8)) == "unmerged"
+    assert "cannot swap weights in place" in caplog.text and first in caplog.text
 
 
 def test_unmerged_in_bfloat16_is_as_accurate_as_core_patching(env):

@@ -81,22 +81,38 @@ def test_schedules(env, schedule, expected):
     assert [schedules.switch_index(i, 2, 5, "reference-code") for i in range(12)] == [0] * 6 + [1] * 5 + [0]
 
 
-@pytest.mark.parametrize("sampler_name", ["euler", "heun", "dpm_2"])
-@pytest.mark.parametrize("schedule", ["paper", "reference-code"])
-def test_switch_equals_step_by_step_reference(env, setup, sampler_name, schedule):
+STRENGTHS = [1.0, 0.7, -0.5]
+
+
+def switch_and_reference(env, setup, sampler_name, schedule, every, strategy="auto", after_switch=None):
+    """(Switch's latent, the step-by-step reference's, the runtime) for the 3 LoRAs at ``STRENGTHS``, 6 steps. The
+    Switch run samples under ``torch.inference_mode``, as ComfyUI's executor runs nodes; ``after_switch(runtime)``
+    runs before the reference (whose core patching puts new Parameter objects into the model)."""
     model, names, pos, neg = setup
     schedules = env.engine("nodes.runtime.schedules")
-    strengths = [1.0, 0.7, -0.5]
     sig = sigmas_for(model, 6)
     latent = torch.zeros(1, 4, 8, 8)
     import comfy.sample
     noise = comfy.sample.prepare_noise(latent, 3)
-    sw = switch(model, lora_set(names, strengths), 2, schedule)
-    got = run_custom(sw, sampler_name, sig, pos, neg, noise, latent)
-    want = reference(model, names, strengths, lambda i: schedules.switch_index(i, 3, 2, schedule), sampler_name, sig,
-                     pos, neg, latent)
+    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, lora_set(names, STRENGTHS),
+                                                                       every, schedule, strategy)
+    with torch.inference_mode():
+        got = run_custom(sw, sampler_name, sig, pos, neg, noise, latent)
+    if after_switch is not None:
+        after_switch(runtime)
+    want = reference(model, names, STRENGTHS, lambda i: schedules.switch_index(i, 3, every, schedule), sampler_name,
+                     sig, pos, neg, latent)
+    return got, want, runtime
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "heun", "dpm_2"])
+@pytest.mark.parametrize("schedule", ["paper", "reference-code"])
+def test_switch_equals_step_by_step_reference(env, setup, sampler_name, schedule):
+    model, names, pos, neg = setup
+    got, want, _ = switch_and_reference(env, setup, sampler_name, schedule, 2)
     assert close(got, want), (got - want).abs().max().item()
-    wrong = reference(model, names, strengths, lambda i: (i // 2 + 1) % 3, sampler_name, sig, pos, neg, latent)
+    wrong = reference(model, names, STRENGTHS, lambda i: (i // 2 + 1) % 3, sampler_name, sigmas_for(model, 6), pos,
+                      neg, torch.zeros(1, 4, 8, 8))
     assert not close(got, wrong), "the test cannot tell LoRAs apart"
 
 
@@ -104,26 +120,39 @@ def test_switch_equals_step_by_step_reference(env, setup, sampler_name, schedule
 def test_merged_lowvram_equals_step_by_step_reference(env, setup, sampler_name, monkeypatch):
     """The in-place swap (``merged-lowvram``: W += ΔW_new − ΔW_old in the model's own weights, originals in host
     memory) against the same reference, switching at every step so that incremental updates and rewrites from the
-    originals (here every 2nd update) both happen; the model's Parameters are the same objects throughout. Run
-    under ``torch.inference_mode`` as ComfyUI's executor runs nodes (in-place writes to normal tensors there)."""
-    model, names, pos, neg = setup
-    schedules = env.engine("nodes.runtime.schedules")
-    strengths = [1.0, 0.7, -0.5]
-    sig = sigmas_for(model, 6)
-    latent = torch.zeros(1, 4, 8, 8)
-    import comfy.sample
-    noise = comfy.sample.prepare_noise(latent, 3)
+    originals (here every 2nd update) both happen; the model's Parameters are the same objects throughout (in-place
+    writes to normal tensors under ``torch.inference_mode``)."""
+    model = setup[0]
     before = dict(model.model.named_parameters())
+
+    def same_parameters(runtime):
+        assert runtime.strategies[-1] == "merged-lowvram"
+        assert all(v is before[k] for k, v in model.model.named_parameters())
+
     monkeypatch.setitem(env.engine("nodes.runtime.inplace_swap").REFRESH_EVERY, torch.float32, 2)
-    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, lora_set(names, strengths), 1,
-                                                                       "paper", "merged-lowvram")
-    with torch.inference_mode():
-        got = run_custom(sw, sampler_name, sig, pos, neg, noise, latent)
-    assert runtime.strategies[-1] == "merged-lowvram"
-    assert all(v is before[k] for k, v in model.model.named_parameters())
-    want = reference(model, names, strengths, lambda i: schedules.switch_index(i, 3, 1, "paper"), sampler_name, sig,
-                     pos, neg, latent)
+    got, want, _ = switch_and_reference(env, setup, sampler_name, "paper", 1, "merged-lowvram", same_parameters)
     assert close(got, want), (got - want).abs().max().item()
+
+
+def test_switch_on_a_statically_patched_model(env, setup):
+    """Switch on top of a LoRA that ComfyUI patches statically (``LoraSetApply`` → core's ``add_patches``): both
+    merged forms start from core's patched weights (the copy computes from them, the in-place form writes into core's
+    patched Parameters and copies their values back at the end); they agree within 1e-5, and once core unpatches the
+    base model's weights are bit-identical to before."""
+    import comfy.model_management as mm
+    import comfy.sample
+    model, names, pos, neg = setup
+    before = weights_snapshot(model.model)
+    static = call_node("LoraSetApply", model=model, lora_set=lora_set(names[2:], [0.6]))[0]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 6)
+    outs = {strategy: run_custom(switch(static, lora_set(names[:2], [1.0, 0.7]), 1, "paper", strategy), "euler",
+                                 sigmas_for(model, 4), pos, neg, noise, latent)
+            for strategy in ("merged", "merged-lowvram", "unmerged")}
+    assert close(outs["merged-lowvram"], outs["merged"])
+    assert close(outs["unmerged"], outs["merged"], rel=1e-4)  # adapters on outputs: float order differs
+    mm.unload_all_models()
+    assert all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
 def test_heun_second_stage_stays_on_its_step(env, setup):
