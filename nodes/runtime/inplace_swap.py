@@ -59,6 +59,17 @@ def _aligned(weight: torch.Tensor) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A flat byte buffer in host memory: page-locked when asked (copies to and from a GPU then run without the host
+    waiting), pageable where none is to be had (the copies still work, the host waits)."""
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class _Slot:
     """One patched weight, written in place: its Parameter, the original's host copy, and how far it has drifted."""
 
@@ -114,16 +125,8 @@ class InPlaceSwapper:
     # -- the run's start: host copies of the originals ----------------------------------------------
     def _start(self) -> None:
         layers = [_Layer(self.base_model, key) for key in self.keys]
-        pin = any(layer.original.device.type == "cuda" for layer in layers)
-        flat = None
-        if pin:
-            try:
-                flat = torch.empty(sum(map(_aligned, (layer.original for layer in layers))), dtype=torch.uint8,
-                                   pin_memory=True)
-            except RuntimeError:  # no page-locked memory to be had: pageable copies still work (the host waits)
-                flat = None
-        if flat is None:
-            flat = torch.empty(sum(map(_aligned, (layer.original for layer in layers))), dtype=torch.uint8)
+        flat = _host_buffer(sum(_aligned(layer.original) for layer in layers),
+                            pinned=any(layer.original.device.type == "cuda" for layer in layers))
         self._backup, offset = flat, 0
         for layer in layers:
             weight = layer.original
