@@ -59,6 +59,14 @@ def _aligned(weight: torch.Tensor) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def pinned_host_weights(weights: list[torch.Tensor]) -> bool:
+    """Whether some weights live in page-locked host memory while CUDA is in use: ComfyUI 0.9.x pins offloaded
+    (LowVram) weights in place and streams them to the GPU asynchronously, so a copy may still be reading one when
+    the host is about to rewrite it."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and any(
+        w.device.type == "cpu" and w.is_pinned() for w in weights)
+
+
 def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     """A flat byte buffer in host memory: page-locked when asked (copies to and from a GPU then run without the host
     waiting), pageable where none is to be had (the copies still work, the host waits)."""
@@ -121,6 +129,7 @@ class InPlaceSwapper:
         self._backup: torch.Tensor | None = None  # flat host buffer behind every slot's backup
         self._plans: dict[object, list] = {}  # option → per slot: None, [(factor, up, down)] or _General
         self._active_plan: list | None = None
+        self._wait_for_device = False  # see pinned_host_weights: wait before rewriting host-resident weights
 
     # -- the run's start: host copies of the originals ----------------------------------------------
     def _start(self) -> None:
@@ -137,6 +146,7 @@ class InPlaceSwapper:
             backup.copy_(weight.detach(), non_blocking=backup.is_pinned())
             refresh = self.refresh_every or REFRESH_EVERY.get(weight.dtype, HALF_REFRESH_EVERY)
             self._slots.append(_Slot(layer, backup, refresh))
+        self._wait_for_device = pinned_host_weights([layer.original for layer in layers])
 
     # -- plans: an option's per-layer work, worked out at its first activation in a run ---------------
     def _plan(self, option) -> list | None:
@@ -185,6 +195,8 @@ class InPlaceSwapper:
                 return False
             self._start()
         before, after = self._active_plan, self._plan(option)
+        if self._wait_for_device:  # the previous model call's transfers from these weights must be done
+            torch.cuda.synchronize()
         with torch.no_grad():
             for i, slot in enumerate(self._slots):
                 self._swap(slot, before[i] if before else None, after[i] if after else None)
@@ -226,6 +238,8 @@ class InPlaceSwapper:
 
     def restore(self) -> None:
         """Copy every original back into its Parameter (bit-identical weights; the Parameters were never replaced)."""
+        if self._wait_for_device:
+            torch.cuda.synchronize()
         with torch.no_grad():
             for slot in self._slots:
                 slot.reset()
@@ -233,6 +247,7 @@ class InPlaceSwapper:
         # out again before the transfers that read it have finished.
         self._slots = []
         self._backup = None
+        self._wait_for_device = False
         self._plans.clear()
         self._active_plan = None
         self.terms.release()

@@ -281,6 +281,29 @@ def _assert_weights_close(model, expected: dict[str, torch.Tensor], eps: float, 
         assert error <= eps * want.abs().max().item(), (label, k, error / want.abs().max().item() / eps)
 
 
+def test_in_place_swaps_wait_for_transfers_from_pinned_host_weights(env, monkeypatch):
+    """ComfyUI 0.9.x pins offloaded (LowVram) weights in host memory and streams them to the GPU asynchronously: an
+    in-place swap rewriting such a weight first waits for the device (one ``torch.cuda.synchronize`` per activation
+    and at ``restore``), and only then. (CUDA itself is simulated here: the CPU has no pinned weights.)"""
+    model = build_unet("sd15", seed=81)
+    _formats(env, model)
+    patching = env.engine("nodes.patching")
+    inplace = env.engine("nodes.runtime.inplace_swap")
+    options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None,
+                                                                                  _set(["lora", "locon"], [1, 1]))]
+    assert not inplace.pinned_host_weights([p for p in model.model.parameters()])
+    waits = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(1))
+    for pinned, expected in ((False, 0), (True, 3)):
+        monkeypatch.setattr(inplace, "pinned_host_weights", lambda weights: pinned)
+        waits.clear()
+        swapper = inplace.InPlaceSwapper(model.model, options)
+        swapper.activate(0)
+        swapper.activate(1)
+        swapper.restore()
+        assert len(waits) == expected, pinned
+
+
 def test_in_place_swap_is_refused_for_tied_weights(env, caplog):
     """Two keys sharing one tensor would be patched twice by in-place writes: ``in_place_obstacle`` names them, and
     the runtime then runs unmerged (with a warning) even when ``merged-lowvram`` was asked for."""
