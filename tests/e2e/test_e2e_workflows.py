@@ -87,6 +87,20 @@ def test_workflow_runs_on_tiny_models(name, env, ui_workflows, live_defs):
     print(f"{name}: {len(run.node_seconds)} nodes in {time.perf_counter() - t0:.2f} s on ComfyUI {env.version}")
 
 
+def test_switch_workflow_runs_with_every_strategy(env, ui_workflows, live_defs):
+    """The Switch example with each value of its ``strategy`` input through ComfyUI's own executor (which runs nodes
+    under ``torch.inference_mode``): every strategy samples, including ``merged-lowvram``'s in-place writes."""
+    strategies = env.engine("nodes.runtime.binding").STRATEGIES
+    for strategy in strategies:
+        workflow = wf.substitute_for_tests(ui_workflows["lora_switch"])
+        switch = next(n for n in workflow["nodes"] if n["type"] == "LoraSetSwitch")
+        switch["widgets_values"][2] = strategy
+        assert not wf.check_workflow(workflow, live_defs)
+        run = run_prompt(wf.ui_to_api(workflow, live_defs))
+        assert run.success, (strategy, run.error, run.node_errors)
+        assert str(switch["id"]) in run.node_seconds, strategy
+
+
 def test_missing_lora_file_is_a_validation_error_not_a_crash(env, ui_workflows, workflow_defs, in_process_models):
     workflow = wf.substitute_for_tests(ui_workflows["lora_switch"])
     load = next(n for n in workflow["nodes"] if n["type"] == "LoraSetLoad")
