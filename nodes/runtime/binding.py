@@ -243,9 +243,9 @@ class AdapterRuntime:
         if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets,
                                         terms=self.low_rank_terms())
-            _SWAPPING[id(base_model)] = self.key
         elif strategy == "merged-lowvram":
             run.swapper = InPlaceSwapper(base_model, self.options, terms=self.low_rank_terms())
+        if run.swapper is not None:
             _SWAPPING[id(base_model)] = self.key
         else:
             run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)

@@ -112,21 +112,17 @@ class InPlaceSwapper:
     """Swap per-layer patch lists into a loaded model's own weights; same interface as ``MergedSwapper``."""
 
     def __init__(self, base_model: torch.nn.Module, patches_per_option: list[dict[str, list]],
-                 terms: LowRankTerms | None = None, refresh_every: int | None = None):
+                 terms: LowRankTerms | None = None):
         """``patches_per_option[j][key]`` is the ComfyUI patch list (as in ``ModelPatcher.patches``).
-        ``terms``: the options' ``LowRankTerms``, kept by the caller across runs (made here if not given).
-        ``refresh_every``: incremental updates of a layer before it is rewritten from its original (default by the
-        weight's dtype, see the module docstring)."""
+        ``terms``: the options' ``LowRankTerms``, kept by the caller across runs (made here if not given)."""
         self.base_model = base_model
         self.options = patches_per_option
         self.keys = patched_keys(patches_per_option)
         self.terms = terms if terms is not None else LowRankTerms(patches_per_option)
-        self.refresh_every = refresh_every
         self.active = None
         self.fast_writes = 0  # layers updated incrementally with addmm_ (diagnostics, tests)
         self.exact_writes = 0  # layers written from their original (general patches, refreshes)
         self._slots: list[_Slot] = []
-        self._backup: torch.Tensor | None = None  # flat host buffer behind every slot's backup
         self._plans: dict[object, list] = {}  # option → per slot: None, [(factor, up, down)] or _General
         self._active_plan: list | None = None
         self._wait_for_device = False  # see pinned_host_weights: wait before rewriting host-resident weights
@@ -136,7 +132,7 @@ class InPlaceSwapper:
         layers = [_Layer(self.base_model, key) for key in self.keys]
         flat = _host_buffer(sum(_aligned(layer.original) for layer in layers),
                             pinned=any(layer.original.device.type == "cuda" for layer in layers))
-        self._backup, offset = flat, 0
+        offset = 0  # every slot's backup is a view of the flat buffer (which those views keep alive)
         for layer in layers:
             weight = layer.original
             nbytes = weight.numel() * weight.element_size()
@@ -144,8 +140,7 @@ class InPlaceSwapper:
             offset += _aligned(weight)
             # page-locked: one asynchronous transfer, ordered before the writes that follow on the same stream
             backup.copy_(weight.detach(), non_blocking=backup.is_pinned())
-            refresh = self.refresh_every or REFRESH_EVERY.get(weight.dtype, HALF_REFRESH_EVERY)
-            self._slots.append(_Slot(layer, backup, refresh))
+            self._slots.append(_Slot(layer, backup, REFRESH_EVERY.get(weight.dtype, HALF_REFRESH_EVERY)))
         self._wait_for_device = pinned_host_weights([layer.original for layer in layers])
 
     # -- plans: an option's per-layer work, worked out at its first activation in a run ---------------
@@ -172,17 +167,8 @@ class InPlaceSwapper:
         weight = slot.weight
         if slot.matrix is None or weight.dtype not in _FAST_DTYPES:
             return None
-        terms = self.terms.terms(option, slot.layer.key, patches)
-        if terms is None:
-            return None
-        matrices = self.terms.matrices(weight.device, weight.dtype)
-        out = []
-        for factor, up, down in terms:
-            up, down = matrices[up], matrices[down]
-            if up.shape[0] != slot.matrix.shape[0] or down.shape[1] != slot.matrix.shape[1]:
-                return None
-            out.append((factor, up, down))
-        return out
+        return self.terms.on_device(option, slot.layer.key, patches, weight.device, weight.dtype,
+                                    tuple(slot.matrix.shape))
 
     # -- swapping ------------------------------------------------------------------------------------
     def activate(self, option: "int | tuple[float, ...] | None") -> bool:
@@ -233,9 +219,6 @@ class InPlaceSwapper:
         slot.dirty = True
         slot.updates = 1 if not isinstance(after, _General) else 0
 
-    def patch_lists(self, option, key: str) -> list | None:
-        return option_patch_lists(self.options, option, key)
-
     def restore(self) -> None:
         """Copy every original back into its Parameter (bit-identical weights; the Parameters were never replaced)."""
         if self._wait_for_device:
@@ -246,7 +229,6 @@ class InPlaceSwapper:
         # The page-locked buffer may be freed once the copies are queued: torch's host allocator does not hand it
         # out again before the transfers that read it have finished.
         self._slots = []
-        self._backup = None
         self._wait_for_device = False
         self._plans.clear()
         self._active_plan = None

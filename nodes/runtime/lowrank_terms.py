@@ -49,6 +49,22 @@ class LowRankTerms:
         # registered only once the whole list qualifies: no matrix is uploaded that no term uses
         return [(factor, self._register(up), self._register(down)) for factor, up, down in plain] or None
 
+    def on_device(self, option, key: str, patches: list, device: torch.device, dtype: torch.dtype,
+                  shape: tuple[int, int]) -> list[tuple[float, torch.Tensor, torch.Tensor]] | None:
+        """``terms`` as (factor, up, down) with the matrices in ``dtype`` on ``device``, or None where the list is not
+        plain low rank or a term's product is not ``shape`` (the weight as ``[out, in·k·k]``)."""
+        terms = self.terms(option, key, patches)
+        if terms is None:
+            return None
+        matrices = self.matrices(device, dtype)
+        out = []
+        for factor, up, down in terms:
+            up, down = matrices[up], matrices[down]
+            if up.shape[0] != shape[0] or down.shape[1] != shape[1]:
+                return None
+            out.append((factor, up, down))
+        return out
+
     def _register(self, tensor: torch.Tensor) -> int:
         index = self._index.get(id(tensor))
         if index is None or self._sources[index] is not tensor:

@@ -264,7 +264,7 @@ class MergedSwapper:
         pending: list[tuple[_Layer, list]] = []  # single-term layers waiting to fill a group
         filled = 0  # their elements
         for layer in self._layers:
-            patches = self.patch_lists(option, layer.key)
+            patches = option_patch_lists(self.options, option, layer.key)
             if not patches:
                 plan.restore.append(layer)
                 continue
@@ -290,19 +290,10 @@ class MergedSwapper:
         original = layer.original
         if layer.convert is not None or layer.set_func is not None or original.dtype not in _FAST_DTYPES:
             return None
-        if _compute_dtype(original.device) not in _FAST_DTYPES:
+        if _compute_dtype(original.device) not in _FAST_DTYPES or original.dim() == 0 or not original.shape[0]:
             return None
-        terms = self.terms.terms(option, layer.key, patches)
-        if terms is None:
-            return None
-        matrices = self.terms.matrices(original.device)
-        out = []
-        for factor, up, down in terms:
-            up, down = matrices[up], matrices[down]
-            if up.shape[0] != original.shape[0] or up.shape[0] * down.shape[1] != original.numel():
-                return None
-            out.append((factor, up, down))
-        return out
+        shape = (original.shape[0], original.numel() // original.shape[0])
+        return self.terms.on_device(option, layer.key, patches, original.device, torch.float32, shape)
 
     def _group(self, members: list[tuple[_Layer, list]]) -> _LowRankGroup:
         like = members[0][0].original
@@ -402,9 +393,6 @@ class MergedSwapper:
                 layer.put(buffer)
         else:
             layer.put(self._own(out))
-
-    def patch_lists(self, option, key: str) -> list | None:
-        return option_patch_lists(self.options, option, key)
 
     def restore(self) -> None:
         """Put back exactly the Parameter objects that were there before (bit-identical weights)."""
