@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import comfy.lora
 import torch
+from comfy.model_patcher import get_key_weight
 
 from .lora_blocks import check_blocks_exist
 from .lora_format import TEXT_ENCODER_PREFIX, group_modules, guess_base_model
@@ -72,6 +73,15 @@ def plain_lora_weights(patch) -> tuple | None:
     if weights[3] is not None or weights[4] is not None or reshape is not None:
         return None
     return weights
+
+
+def weight_as_computed(module: torch.nn.Module, key: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A weight of ``module`` in fp32 on the CPU as its layer computes with it — a quantized layer's (fp8 scaled,
+    ``QuantizedTensor``) dequantized by the layer's own ``convert_weight``, which is where core's patching starts
+    (DoRA's ΔW depends on the weight's norm). ``weight``: another copy of that weight to convert (a backup)."""
+    current, _set_func, convert = get_key_weight(module, key)
+    w32 = (current if weight is None else weight).detach().to(device="cpu", dtype=torch.float32, copy=True)
+    return convert(w32, inplace=True) if convert is not None else w32
 
 
 def _target_name(target) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,7 +31,7 @@ from . import batching
 from .inplace_swap import InPlaceSwapper, backup_bytes, in_place_obstacle
 from .layers import build_layer_plans
 from .lowrank_terms import LowRankTerms
-from .merged_swap import MergedSwapper, held_bytes
+from .merged_swap import MergedSwapper, held_bytes, merge_obstacle
 from .step_tracker import StepTracker, probe_steps
 from .unmerged import Routing, UnmergedAdapters
 
@@ -105,6 +106,9 @@ class AdapterRuntime:
         self.strategies: list[str] = []  # the strategy each run used
         self.forwards: list[int] = []  # network evaluations per finished run
         self._terms: LowRankTerms | None = None  # see low_rank_terms
+        # per base model: what keeps its weights from being merged / written in place (see _obstacle)
+        self._obstacles: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str | None]]" = (
+            weakref.WeakKeyDictionary())
 
     def attach(self, model_patcher):
         """A clone of ``model_patcher`` that runs this runtime whenever it samples."""
@@ -145,7 +149,9 @@ class AdapterRuntime:
         * ComfyUI's hook LoRAs on the conditioning (``CreateHookLora`` → ``Set CLIP Hooks`` / cond hooks): core
           copies hook-patched weights *into* whatever Parameters are in the model and later copies its backups
           back into whatever Parameters are there then — with a swap in between, into the model's own weights
-          (a leak of the LoRA into the base model, measured before this rule).
+          (a leak of the LoRA into the base model, measured before this rule);
+        * weights stored in a form only another pack's loader can patch (``merge_obstacle``: GGUF's packed
+          blocks, integer weights without core's ``set_weight``).
 
         And ``auto`` does not keep a patched copy on an accelerator whose free memory cannot hold it next to the
         sampling run's own needs (``merged_copy_fits``): then it swaps in place, the originals in host memory
@@ -161,12 +167,16 @@ class AdapterRuntime:
         elif any(getattr(p, "hook_patches", None) for p in (getattr(guider, "model_patcher", None),
                                                              getattr(base_model, "current_patcher", None))):
             reason = "ComfyUI hook LoRAs on the conditioning rewrite the same weights during sampling"
+        else:
+            obstacle = self._obstacle("merge", base_model)
+            reason = None if obstacle is None else f"cannot merge into these weights: {obstacle}"
         if reason is not None:
-            if self.strategy in MERGED:
-                log.warning("[LoRA Composer] %s: %s; running unmerged so that both apply.", self.key, reason)
+            # asked for by name: a warning; auto's choice: said, as every fallback of auto is
+            (log.warning if self.strategy in MERGED else log.info)(
+                "[LoRA Composer] %s: %s; running unmerged (LoRAs added to the layers' outputs).", self.key, reason)
             return "unmerged"
         if strategy == "merged-lowvram":
-            obstacle = in_place_obstacle(base_model, self.options)
+            obstacle = self._obstacle("in place", base_model)
             if obstacle is not None:
                 log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
                             obstacle)
@@ -175,7 +185,7 @@ class AdapterRuntime:
         if self.strategy == "auto" and device.type != "cpu" and noise_shape:
             fits, why = self.merged_copy_fits(base_model, device, noise_shape)
             if not fits:
-                obstacle = in_place_obstacle(base_model, self.options)
+                obstacle = self._obstacle("in place", base_model)
                 in_place, why_not = (False, obstacle) if obstacle else self.in_place_fits(base_model, device,
                                                                                             noise_shape)
                 if in_place:
@@ -186,6 +196,15 @@ class AdapterRuntime:
                          "no weight copy).", self.key, why, why_not)
                 return "unmerged"
         return strategy
+
+    def _obstacle(self, kind: str, base_model) -> str | None:
+        """``merge_obstacle`` ("merge") or ``in_place_obstacle`` ("in place") of the options on this model, worked
+        out at its first run and kept (a model's layers keep the form they were loaded in; the check resolves every
+        LoRA'd layer, a few ms per run)."""
+        found = self._obstacles.setdefault(base_model, {})
+        if kind not in found:
+            found[kind] = (merge_obstacle if kind == "merge" else in_place_obstacle)(base_model, self.options)
+        return found[kind]
 
     def merged_copy_bytes(self, base_model) -> int:
         """Memory a merged run holds beyond one static LoRA on an accelerator: ComfyUI keeps a static LoRA's

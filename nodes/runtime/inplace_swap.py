@@ -26,7 +26,8 @@ import comfy.utils
 import torch
 
 from .lowrank_terms import LowRankTerms
-from .merged_swap import _FAST_DTYPES, _Layer, core_patched_weight, normalize_option, option_patch_lists, patched_keys
+from .merged_swap import (_FAST_DTYPES, _Layer, core_patched_weight, merge_obstacle, normalize_option,
+                          option_patch_lists, patched_keys, resolve_layers)
 
 REFRESH_EVERY = {torch.float32: 16}  # incremental updates of a layer between rewrites from its original
 HALF_REFRESH_EVERY = 2  # fp16 / bf16: an update's rounding is 2^13 (2^16) times coarser than fp32's
@@ -36,10 +37,13 @@ _ALIGN = 64  # bytes: every layer's backup starts aligned in the flat host buffe
 def in_place_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]]) -> str | None:
     """Why the model's weights cannot be swapped in place (None if they can): a weight stored in another form than
     it computes in (quantized layers, ``set_func`` / ``convert``), or two keys sharing one tensor (tied weights
-    would be patched twice)."""
+    would be patched twice); and whatever no swapper can merge (``merge_obstacle``)."""
+    obstacle = merge_obstacle(base_model, patches_per_option)
+    if obstacle is not None:
+        return obstacle
     seen: dict[int, str] = {}
-    for key in patched_keys(patches_per_option):
-        layer = _Layer(base_model, key)
+    for layer in resolve_layers(base_model, patched_keys(patches_per_option)):
+        key = layer.key
         if layer.set_func is not None or layer.convert is not None:
             return f"{key} is stored in another form than it computes in (quantized)"
         pointer = layer.original.data_ptr()
@@ -129,7 +133,7 @@ class InPlaceSwapper:
 
     # -- the run's start: host copies of the originals ----------------------------------------------
     def _start(self) -> None:
-        layers = [_Layer(self.base_model, key) for key in self.keys]
+        layers = resolve_layers(self.base_model, self.keys)
         flat = _host_buffer(sum(_aligned(layer.original) for layer in layers),
                             pinned=any(layer.original.device.type == "cuda" for layer in layers))
         offset = 0  # every slot's backup is a view of the flat buffer (which those views keep alive)

@@ -21,16 +21,21 @@ for a whole group of layers as ``torch._foreach_*`` calls, written into the prev
 in exactly core's operation order and dtypes (bit-identical). Everything an option's activation needs
 besides the arithmetic (which layers, their terms on the device, scratch views) is worked out on its first
 activation in a run and kept as its *plan*. Everything else goes through ``calculate_weight``.
+
+Quantized layers (core's fp8 scaled / ``QuantizedTensor`` weights) are merged as core merges them: dequantized by
+the layer's ``convert_weight``, patched, and quantized back by its ``set_weight`` with the key's seed, so the result
+is the static LoRA's bit for bit. Weights in a form only another pack can patch (``merge_obstacle``) run unmerged.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import comfy.lora
 import comfy.model_management as mm
 import comfy.utils
 import torch
-from comfy.model_patcher import get_key_weight, string_to_seed
+from comfy.model_patcher import string_to_seed
 
 from .lowrank_terms import LowRankTerms
 
@@ -57,6 +62,38 @@ def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, l
     copy = sum(w.numel() * w.element_size() for w in weights)
     largest = max((w.numel() for w in weights), default=0)
     return copy * (1 + cached_sets) + 2 * 4 * largest
+
+
+def resolve_layers(model: torch.nn.Module, keys: list[str]) -> "list[_Layer]":
+    """``_Layer`` s for ``keys``, their modules found through one ``named_modules`` walk: resolving every path with
+    ``get_attr`` and core's ``get_key_weight`` (two failing attribute lookups per layer) took 30 µs a key, ≈ 6 ms per
+    run for SD1.5's 192 LoRA'd layers, each time a run starts swapping."""
+    modules = dict(model.named_modules())
+    return [_Layer(model, key, modules) for key in keys]
+
+
+def _layer_method(module: torch.nn.Module, attribute: str):
+    """``getattr(module, attribute)`` where the layer defines it (class or instance), else None: what core's
+    ``get_key_weight`` finds by catching AttributeError, without raising one per layer."""
+    if hasattr(type(module), attribute) or attribute in module.__dict__:
+        return getattr(module, attribute)
+    return None
+
+
+def merge_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]]) -> str | None:
+    """Why these weights cannot be merged by a swapper (None if they can). Core's quantized layers (fp8 scaled,
+    ``QuantizedTensor``) are merged the way core merges them, through the layer's own ``set_weight``; a weight some
+    other pack stores in its own form (a tensor subclass or an integer dtype without ``set_weight``, as GGUF's packed
+    blocks) only that pack knows how to patch: a merge would write garbage into it. The forward hooks see only the
+    layer's output, so those layers run unmerged."""
+    for layer in resolve_layers(base_model, patched_keys(patches_per_option)):
+        key, weight = layer.key, layer.original
+        if layer.set_func is not None:
+            if "return_weight" not in inspect.signature(layer.set_func).parameters:
+                return f"{key} is quantized by a layer whose set_weight cannot hand back the patched weight"
+        elif type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+            return f"{key} is stored as {type(weight).__name__} / {weight.dtype}, a form only its own loader patches"
+    return None
 
 
 def _compute_dtype(device) -> torch.dtype:
@@ -88,29 +125,39 @@ def option_patch_lists(options: list[dict[str, list]], option, key: str) -> list
     return lists or None
 
 
-def core_patched_weight(key: str, original: torch.Tensor, patches: list, convert=None) -> torch.Tensor:
+def core_patched_weight(key: str, original: torch.Tensor, patches: list, convert=None,
+                        set_func=None) -> torch.Tensor:
     """``original`` with ``patches`` applied exactly as ``ModelPatcher.patch_weight_to_device`` does: a copy in the
     LoRA compute dtype, ``calculate_weight``, then core's rounding back to the weight's dtype (``stochastic_rounding``
-    with the key's seed; a plain cast for fp32, fp16 and bf16, where its seed does not matter)."""
+    with the key's seed; a plain cast for fp32, fp16 and bf16, where its seed does not matter) — or, for a quantized
+    layer, its own ``set_weight`` with that seed (``return_weight=True``: the stored form it would set, not set)."""
     temp = original.to(_compute_dtype(original.device), copy=True)
     if convert is not None:
         temp = convert(temp, inplace=True)
     out = comfy.lora.calculate_weight(patches, temp, key)
+    if set_func is not None:
+        return set_func(out, inplace_update=False, seed=string_to_seed(key), return_weight=True)
     if comfy_float is not None and original.dtype not in _FAST_DTYPES:
         return comfy_float.stochastic_rounding(out, original.dtype, seed=string_to_seed(key))
     return out.to(original.dtype)
 
 
 class _Layer:
-    """One patched weight: where it sits in the model and the Parameter found there at the start of the run."""
+    """One patched weight: where it sits in the model and the Parameter found there at the start of the run, with
+    its layer's ``set_<name>`` / ``convert_<name>`` as core's ``get_key_weight`` finds them."""
 
     __slots__ = ("key", "module", "name", "original", "convert", "set_func")
 
-    def __init__(self, model: torch.nn.Module, key: str):
+    def __init__(self, model: torch.nn.Module, key: str, modules: dict[str, torch.nn.Module] | None = None):
         self.key = key
-        module_path, _, self.name = key.rpartition(".")
-        self.module = comfy.utils.get_attr(model, module_path) if module_path else model
-        self.original, self.set_func, self.convert = get_key_weight(model, key)  # the Parameter itself
+        module_path, _, name = key.rpartition(".")
+        module = modules.get(module_path) if modules is not None else None
+        if module is None:
+            module = comfy.utils.get_attr(model, module_path) if module_path else model
+        self.module, self.name = module, name
+        self.set_func = _layer_method(module, f"set_{name}")
+        self.convert = _layer_method(module, f"convert_{name}")
+        self.original = getattr(module, name)  # the Parameter itself
 
     def current(self):
         return getattr(self.module, self.name)
@@ -257,7 +304,7 @@ class MergedSwapper:
         if plan is not None:
             return plan
         if not self._layers:  # the first activation: nothing swapped yet, so these are the originals
-            self._layers = [_Layer(self.base_model, key) for key in self.keys]
+            self._layers = resolve_layers(self.base_model, self.keys)
             self.originals = {layer.key: layer.original for layer in self._layers}
             self._capacity = max(layer.original.numel() for layer in self._layers)
         plan = _Plan()
@@ -382,12 +429,12 @@ class MergedSwapper:
         return any(cached.get(key) is param for cached in self._cache.values())
 
     def _set_general(self, layer: _Layer, patches: list) -> None:
-        if layer.set_func is not None:
-            raise NotImplementedError(f"{layer.key}: quantized weights need the unmerged runtime")
         self._release(layer)
-        out = core_patched_weight(layer.key, layer.original, patches, layer.convert)
+        out = core_patched_weight(layer.key, layer.original, patches, layer.convert, layer.set_func)
         buffer = self._spare.pop(layer.key, None)
-        if buffer is not None and buffer.shape == out.shape and buffer.dtype == out.dtype:
+        if layer.set_func is not None:  # a quantized weight's scales live in the tensor: never copied into another
+            layer.put(self._own(out))
+        elif buffer is not None and buffer.shape == out.shape and buffer.dtype == out.dtype:
             buffer.copy_(out)  # our previous copy takes the result: never two per layer
             if layer.current() is not buffer:
                 layer.put(buffer)

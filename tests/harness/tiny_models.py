@@ -57,6 +57,84 @@ def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | Non
                                             offload_device=mm.unet_offload_device())
 
 
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantized_ops_missing() -> str | None:
+    """Why this ComfyUI cannot build core's quantized layers here (None if it can): 0.9.x takes its fp8 layouts from
+    comfy-kitchen, which ComfyUI lists as a requirement (so does requirements-dev.txt)."""
+    import comfy.ops
+
+    if not hasattr(comfy.ops, "mixed_precision_ops"):
+        return None
+    import comfy.quant_ops
+
+    if comfy.quant_ops.get_layout_class("TensorCoreFP8E4M3Layout") is None:
+        return "ComfyUI 0.9.x's fp8 layers need comfy-kitchen (pip install comfy-kitchen)"
+    return None
+
+
+def build_quantized_unet(seed: int = 0, form: str = "scaled"):
+    """The tiny SD1.5 UNet with every ``Linear`` (attention, feed-forward, time embedding) stored in float8_e4m3fn.
+
+    ``form="scaled"``: as an "fp8 scaled" checkpoint loads, with a per-layer scale, through core's own quantized
+    operations — on ComfyUI 0.9.x ``mixed_precision_ops`` (``QuantizedTensor`` weights, a ``comfy_quant`` entry per
+    layer), on 0.3.x ``scaled_fp8_ops`` (fp8 weights and ``scale_weight``). Both give those layers ``set_weight`` /
+    ``convert_weight``, which is how core patches them; fp8 compute is off on a CPU, so they dequantize in forward.
+    ``form="fp8"``: plain fp8 weights cast to fp32 in forward (``manual_cast``), as the loaders' ``weight_dtype``
+    fp8_e4m3fn gives; core patches those with ``stochastic_rounding``.
+    Returns ``(patcher, linear_keys)``: the fp8 layers' weight keys (``diffusion_model.….weight``)."""
+    import json
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+
+    plain = build_unet("sd15", seed).model.diffusion_model
+    linears = [name for name, m in plain.named_modules() if isinstance(m, torch.nn.Linear)]
+    sd = plain.state_dict()
+    fp8 = torch.float8_e4m3fn
+    mixed = hasattr(comfy.ops, "mixed_precision_ops")
+    for name in linears:
+        w = sd[f"{name}.weight"]
+        if form == "fp8":
+            sd[f"{name}.weight"] = w.to(fp8)
+            continue
+        scale = (w.abs().max() / FP8_MAX).reshape(())
+        sd[f"{name}.weight"] = (w / scale).to(fp8)
+        if mixed:
+            sd[f"{name}.weight_scale"] = scale
+            sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                     dtype=torch.uint8)
+        else:
+            sd[f"{name}.scale_weight"] = scale
+    config = dict(SD15_TINY, dtype=torch.float32)
+    model_config = comfy.supported_models.SD15(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    if form == "fp8":  # fp8 parameters are created by loading them (load_state_dict keeps a Parameter's dtype)
+        model_config.custom_operations = comfy.ops.manual_cast
+    elif mixed:  # what pick_operations returns for a quant_config on a device without fp8 compute
+        model_config.custom_operations = comfy.ops.mixed_precision_ops(
+            {}, torch.float32, disabled={"float8_e4m3fn", "float8_e5m2", "nvfp4"})
+    else:
+        model_config.custom_operations = comfy.ops.scaled_fp8_ops(override_dtype=fp8)
+    # Loaded under inference mode, as ComfyUI's executor loads checkpoints: 0.9.x wraps a QuantizedTensor made
+    # outside it in a Parameter inside it (its unpatch does) only with "Cannot set version_counter".
+    with torch.inference_mode():
+        model = model_config.get_model({}, device=torch.device("cpu"))
+        if form == "fp8":
+            for name in linears:
+                layer = model.diffusion_model.get_submodule(name)
+                layer.weight = torch.nn.Parameter(sd[f"{name}.weight"], requires_grad=False)
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"quantized tiny UNet: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return patcher, [f"diffusion_model.{name}.weight" for name in linears]
+
 # A tiny Flux (DiT): one double and one single block. mlp_ratio stays 4 because core's diffusers key map
 # (comfy.utils.flux_to_diffusers) slices proj_mlp as hidden_size * 4 rows of single_blocks.linear1.
 FLUX_TINY = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 48,

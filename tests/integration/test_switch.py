@@ -10,6 +10,7 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
+from harness.sampling import reference, run_custom, sigmas_for
 from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
 
 REL = 1e-5
@@ -29,37 +30,6 @@ def setup(env):
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     return model, names, pos, neg
-
-
-def sigmas_for(model, steps, denoise=1.0):
-    import comfy.samplers
-
-    ms = model.get_model_object("model_sampling")
-    full = comfy.samplers.calculate_sigmas(ms, "normal", int(steps / denoise) if denoise < 1 else steps)
-    return full[-(steps + 1):]
-
-
-def run_custom(model, sampler_name, sigmas, pos, neg, noise, latent, seed=3, cfg=4.0, callback=None):
-    import comfy.sample
-    import comfy.samplers
-
-    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler_name), sigmas, pos, neg,
-                                      latent, callback=callback, disable_pbar=True, seed=seed)
-
-
-def reference(model, names, strengths, active, sampler_name, sigmas, pos, neg, latent, seed=3):
-    """Step by step: before step i, patch the base model with LoRA active(i) alone (core patching)."""
-    import comfy.sample
-
-    noise = comfy.sample.prepare_noise(latent, seed)
-    x = latent
-    for i in range(len(sigmas) - 1):
-        j = active(i)
-        (single,) = call_node("LoraSetLoad", lora_name=names[j], strength_model=strengths[j], strength_clip=1.0)
-        patched = call_node("LoraSetApply", model=model, lora_set=single)[0]
-        x = run_custom(patched, sampler_name, sigmas[i:i + 2], pos, neg, noise if i == 0 else torch.zeros_like(noise),
-                       x, seed=seed)
-    return x
 
 
 def switch(model, s, every, schedule, strategy="auto"):

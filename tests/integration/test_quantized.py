@@ -1,0 +1,303 @@
+"""LoRAs on quantized base models, through the adapter runtime.
+
+An "fp8 scaled" checkpoint loads with core's quantized Linear layers (0.9.x ``mixed_precision_ops``:
+``QuantizedTensor`` weights; 0.3.x ``scaled_fp8_ops``: fp8 weights and a scale), which core patches through the
+layer's own ``convert_weight`` / ``set_weight``. The merged strategies do the same (bit-identical weights to core's
+static LoRA, Switch = core's step-by-step re-patching); before this file existed ``auto`` Switch raised
+NotImplementedError on such models.
+
+Deliberate difference from core (listed here, as for every such difference): *unmerged* execution adds the LoRA to
+the layer's output in the compute dtype, so the LoRA is not rounded to fp8 with the weight as core's patching rounds
+``W + ΔW``. Its oracle is therefore the LoRA merged in fp32 into the dequantized weights (the fp32 "twin" of the
+quantized model), 1e-5; against core's fp8 re-patching it differs by that rounding (bounded below).
+
+Weights some other pack stores in its own form (GGUF's packed blocks; here an int8 weight-only layer written for
+this test) cannot be merged by anyone but that pack: the runtime names them and runs unmerged.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from harness import lora_factory as lf
+from harness.node_calls import call_node, load_set
+from harness.sampling import reference, run_custom, sigmas_for
+from harness.tiny_models import (build_quantized_unet, build_sd15_clip, build_unet, quantized_ops_missing,
+                                 weights_snapshot)
+
+REL = 1e-5
+SEED = 21
+STRENGTHS = [1.0, 0.8]
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    """Everything under inference mode, as ComfyUI's executor runs prompts (the quantized model is loaded under it
+    too): on 0.9.x core's own unpatching of ``QuantizedTensor`` weights fails when a prompt mixes tensors made inside
+    and outside it ("Cannot set version_counter for inference tensor"), which no real prompt does. The models are
+    unloaded before leaving it, so the suite's own clean-up has nothing left to unpatch outside."""
+    import comfy.model_management as mm
+
+    with torch.inference_mode():
+        yield
+        mm.unload_all_models()
+
+
+def close(a, b, rel=REL):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+def raw(snapshot: dict) -> dict:
+    """State-dict tensors as comparable bytes (fp8 has no ``torch.equal`` on every build)."""
+    return {k: v.contiguous().view(torch.uint8) if v.dtype.itemsize == 1 else v for k, v in snapshot.items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    a, b = raw(a), raw(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def base_weights(model) -> dict:
+    """The model's weights with nothing loaded: core's static patches (the references') taken out again."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    return weights_snapshot(model.model)
+
+
+def dequantized_twin(model):
+    """A plain fp32 tiny UNet holding the quantized model's weights as the layers compute with them (dequantized by
+    each layer's own ``convert_weight``, what core's patching starts from)."""
+    from comfy.model_patcher import get_key_weight
+
+    twin = build_unet("sd15", SEED)
+    with torch.no_grad():
+        for key, param in twin.model.named_parameters():
+            weight, _set_func, convert = get_key_weight(model.model, key)
+            value = weight.to(torch.float32, copy=True)
+            param.copy_(convert(value, inplace=True) if convert is not None else value)
+    return twin
+
+
+@pytest.fixture(scope="module")
+def loras(env):
+    """Two LoRAs on quantized Linear layers and a plain 1×1 conv, and the conditioning: (names, pos, neg)."""
+    sd = build_unet("sd15", SEED).model.state_dict()  # same keys and shapes as the quantized model, plain tensors
+    targets = lf.pick_targets(sd, ("attn", "ff", "proj"))
+    names = []
+    for i in range(2):
+        lora = lf.make_lora(sd, targets, "kohya", rank=2 + i, alpha=1.0, seed=80 + i)
+        lora.amplified(8)
+        names.append(f"quant_{i}.safetensors")
+        lora.save(env.models_dir / "loras" / names[-1])
+    clip = build_sd15_clip(seed=52)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return names, pos, neg, targets
+
+
+@pytest.fixture(scope="module", params=["scaled", "fp8"])
+def setup(request, loras):
+    """(model, names, pos, neg): the tiny UNet with fp8 Linear layers, scaled (core's quantized ops) or plain."""
+    names, pos, neg, targets = loras
+    missing = quantized_ops_missing()
+    if request.param == "scaled" and missing:
+        pytest.skip(missing)
+    with torch.inference_mode():
+        model, fp8_keys = build_quantized_unet(SEED, form=request.param)
+    assert any(t in fp8_keys for t in targets) and any(t not in fp8_keys for t in targets)
+    model.form = request.param
+    return model, names, pos, neg
+
+
+def sample_switch(env, model, names, pos, neg, strategy):
+    """(latent, runtime) of a Switch run (τ = 2, 4 steps, euler)."""
+    import comfy.sample
+
+    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(
+        model, None, load_set(names, STRENGTHS), 2, "paper", strategy)
+    latent = torch.zeros(1, 4, 8, 8)
+    out = run_custom(sw, "euler", sigmas_for(model, 4), pos, neg, comfy.sample.prepare_noise(latent, 3), latent)
+    return out, runtime
+
+
+def core_repatching(model, names, pos, neg):
+    return reference(model, names, STRENGTHS, lambda i: (i // 2) % 2, "euler", sigmas_for(model, 4), pos, neg,
+                     torch.zeros(1, 4, 8, 8))
+
+
+def test_merged_swap_writes_core_static_lora_bit_for_bit(env, setup):
+    """Each LoRA swapped in = core's static LoRA on the quantized layers (its set_weight, the key's seed)."""
+    from harness.tiny_models import patched_weights
+
+    model, names, _, _ = setup
+    ms = env.engine("nodes.runtime.merged_swap")
+    _, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, load_set(names, STRENGTHS), 2,
+                                                                       "paper", "merged")
+    before = base_weights(model)
+    assert ms.merge_obstacle(model.model, runtime.options) is None
+    for j in (0, 1):
+        (single,) = call_node("LoraSetLoad", lora_name=names[j], strength_model=STRENGTHS[j], strength_clip=1.0)
+        want = patched_weights(call_node("LoraSetApply", model=model, lora_set=single)[0])
+        swapper = ms.MergedSwapper(model.model, runtime.options)
+        swapper.activate(1 - j)
+        swapper.activate(j)  # written over the other LoRA's copy: no trace of it may remain
+        got = weights_snapshot(model.model)
+        swapper.restore()
+        assert same_weights(got, want), [k for k in raw(got) if not torch.equal(raw(got)[k], raw(want)[k])][:5]
+    assert same_weights(base_weights(model), before)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "merged"])
+def test_switch_on_quantized_model_equals_core_repatching(env, setup, strategy):
+    model, names, pos, neg = setup
+    before = base_weights(model)
+    got, runtime = sample_switch(env, model, names, pos, neg, strategy)
+    assert runtime.strategies == ["merged"]
+    want = core_repatching(model, names, pos, neg)
+    assert close(got, want), (got - want).abs().max().item()
+    assert same_weights(base_weights(model), before)
+
+
+def test_unmerged_on_quantized_model_adds_the_lora_unrounded(env, setup):
+    """Unmerged equals the LoRA merged in fp32 into the dequantized weights; core's fp8 re-patching differs from that
+    by its rounding of W + ΔW."""
+    model, names, pos, neg = setup
+    before = base_weights(model)
+    want, _ = sample_switch(env, dequantized_twin(model), names, pos, neg, "merged")
+    got, runtime = sample_switch(env, model, names, pos, neg, "unmerged")
+    assert runtime.strategies == ["unmerged"]
+    assert close(got, want), (got - want).abs().max().item()
+    core = core_repatching(model, names, pos, neg)
+    rounding = (core - want).abs().max().item() / want.abs().max().item()
+    assert 0 < rounding < 1e-3, rounding  # core's fp8 rounding of the patched weights, not a wrong LoRA
+    assert same_weights(base_weights(model), before)
+
+
+def test_merged_lowvram_on_quantized_model(env, setup, caplog):
+    """Plain fp8 weights are rewritten in place from their originals with core's arithmetic (= core's re-patching);
+    core's quantized layers cannot be written in place: those run unmerged, with a warning that says why."""
+    model, names, pos, neg = setup
+    before = base_weights(model)
+    with caplog.at_level(logging.WARNING, logger="LoRA Composer"):
+        got, runtime = sample_switch(env, model, names, pos, neg, "merged-lowvram")
+    if model.form == "fp8":
+        assert runtime.strategies == ["merged-lowvram"]
+        want = core_repatching(model, names, pos, neg)
+    else:
+        assert runtime.strategies == ["unmerged"]
+        assert "cannot swap weights in place" in caplog.text and "quantized" in caplog.text
+        want, _ = sample_switch(env, dequantized_twin(model), names, pos, neg, "merged")
+    assert close(got, want), (got - want).abs().max().item()
+    assert same_weights(base_weights(model), before)
+
+
+@pytest.mark.parametrize("strategy", ["unmerged", "merged"])
+def test_dense_formats_on_quantized_model(env, setup, strategy):
+    """DoRA (whose ΔW depends on the weight's norm) and LoHa take the exact dense path when unmerged: their deltas
+    are computed from the dequantized weights, as core computes them (equal to the twin); merged they equal core's
+    re-patching."""
+    model, _, pos, neg = setup
+    sd = build_unet("sd15", SEED).model.state_dict()
+    targets = [k for k in lf.pick_targets(sd, ("attn",))]
+    names = [f"quant_dora_{model.form}.safetensors", f"quant_loha_{model.form}.safetensors"]
+    dora = lf.make_dora(dequantized_twin(model).model.state_dict(), targets, seed=90)
+    dora.amplified(8)
+    dora.save(env.models_dir / "loras" / names[0])
+    lf.make_loha(sd, targets, seed=91).amplified(8, ("hada_w1_a",)).save(env.models_dir / "loras" / names[1])
+    before = base_weights(model)
+    got, runtime = sample_switch(env, model, names, pos, neg, strategy)
+    assert runtime.strategies == [strategy]
+    if strategy == "unmerged":
+        want, _ = sample_switch(env, dequantized_twin(model), names, pos, neg, "merged")
+    else:
+        want = core_repatching(model, names, pos, neg)
+    assert close(got, want), (got - want).abs().max().item()
+    assert same_weights(base_weights(model), before)
+
+
+def test_merge_on_quantized_model_uses_the_dequantized_weights(env, setup):
+    """LoraSetMerge's exact deltas (here DoRA's, which depend on the weight) on the quantized model equal those on
+    its dequantized twin: the weight they start from is the one the layer computes with."""
+    model, _, _, _ = setup
+    sd = build_unet("sd15", SEED).model.state_dict()
+    twin = dequantized_twin(model)
+    name = f"quant_merge_dora_{model.form}.safetensors"
+    lf.make_dora(twin.model.state_dict(), lf.pick_targets(sd, ("attn",)), seed=92).save(env.models_dir / "loras" / name)
+    merged = {}
+    for label, m in (("quantized", model), ("twin", twin)):
+        (lora_set, _report) = call_node("LoraSetMerge", model=m, lora_set=load_set([name], [0.9]), method="linear",
+                                        rank=0, density=0.5, seed=0)
+        merged[label] = lora_set.entries[0].tensors()
+    assert merged["quantized"].keys() == merged["twin"].keys()
+    for k, t in merged["twin"].items():
+        assert close(merged["quantized"][k], t), k
+
+
+def test_composite_on_quantized_model(env, setup):
+    """Composite (auto: one batch, unmerged) = Composite on the dequantized twin; merged Composite on the quantized
+    model = core's patching per evaluation, within fp8's rounding of each LoRA's weights."""
+    import comfy.sample
+
+    model, names, pos, neg = setup
+    before = base_weights(model)
+    twin = dequantized_twin(model)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    outs = {}
+    for label, m, strategy in (("auto", model, "auto"), ("twin", twin, "merged"), ("merged", model, "merged")):
+        (comp, _clip, _report) = call_node("LoraSetComposite", model=m, lora_set=load_set(names, STRENGTHS),
+                                           strategy=strategy)
+        outs[label] = run_custom(comp, "euler", sigmas_for(m, 3), pos, neg, noise, latent)
+    assert close(outs["auto"], outs["twin"]), (outs["auto"] - outs["twin"]).abs().max().item()
+    assert 0 < (outs["merged"] - outs["twin"]).abs().max().item() < 1e-3 * outs["twin"].abs().max().item()
+    assert same_weights(base_weights(model), before)
+
+
+class Int8Linear(torch.nn.Module):
+    """A weight-only int8 layer as a third-party pack might write one (no core ``set_weight``): only its own loader
+    knows how a LoRA would be merged into it."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.scale = torch.nn.Parameter((w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12),
+                                        requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.round(w / self.scale).to(torch.int8), requires_grad=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(),
+                                                                         requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+def test_weights_in_a_foreign_form_run_unmerged(env, loras, caplog):
+    """``merge_obstacle`` names such a layer; Switch's ``auto`` (merged) then runs unmerged, logging why, and equals
+    the LoRA merged into the layer's dequantized weights; the int8 weights are untouched."""
+    import comfy.utils
+
+    names, pos, neg, _ = loras
+    model = build_unet("sd15", SEED)
+    sd = model.model.state_dict()
+    key = lf.pick_targets(sd, ("attn",))[0]
+    path = key[:-len(".weight")]
+    comfy.utils.set_attr(model.model, path, Int8Linear(comfy.utils.get_attr(model.model, path)))
+    twin = build_unet("sd15", SEED)
+    int8 = comfy.utils.get_attr(model.model, path)
+    with torch.no_grad():
+        comfy.utils.get_attr(twin.model, key).copy_(int8.weight.float() * int8.scale)
+
+    _, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, load_set(names, STRENGTHS), 2,
+                                                                       "paper", "auto")
+    obstacle = env.engine("nodes.runtime.merged_swap").merge_obstacle(model.model, runtime.options)
+    assert obstacle is not None and key in obstacle and "int8" in obstacle
+    before = base_weights(model)
+    with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+        got, runtime = sample_switch(env, model, names, pos, neg, "auto")
+    assert runtime.strategies == ["unmerged"]
+    assert "cannot merge into these weights" in caplog.text and key in caplog.text
+    want, _ = sample_switch(env, twin, names, pos, neg, "merged")
+    assert close(got, want), (got - want).abs().max().item()
+    assert same_weights(base_weights(model), before)
