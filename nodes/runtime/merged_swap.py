@@ -59,7 +59,7 @@ def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, l
     in at most 8 bytes per element (the fp32 product, plus either an fp32 work copy or the fp16 scaled product and
     fp16 work copy when core computes in fp16)."""
     weights = [comfy.utils.get_attr(base_model, k) for k in patched_keys(patches_per_option)]
-    copy = sum(w.numel() * w.element_size() for w in weights)
+    copy = sum(map(stored_bytes, weights))
     largest = max((w.numel() for w in weights), default=0)
     return copy * (1 + cached_sets) + 2 * 4 * largest
 
@@ -94,6 +94,16 @@ def merge_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict[st
         elif type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
             return f"{key} is stored as {type(weight).__name__} / {weight.dtype}, a form only its own loader patches"
     return None
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: for a wrapper subclass (core 0.9.x's ``QuantizedTensor``: fp8 data and a scale, while
+    it reports the dtype it computes in) the tensors it flattens into, by PyTorch's subclass protocol."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _context = flatten()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def _compute_dtype(device) -> torch.dtype:

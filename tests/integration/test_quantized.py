@@ -108,7 +108,7 @@ def setup(request, loras):
     with torch.inference_mode():
         model, fp8_keys = build_quantized_unet(SEED, form=request.param)
     assert any(t in fp8_keys for t in targets) and any(t not in fp8_keys for t in targets)
-    model.form = request.param
+    model.form, model.fp8_keys = request.param, set(fp8_keys)
     return model, names, pos, neg
 
 
@@ -148,6 +148,24 @@ def test_merged_swap_writes_core_static_lora_bit_for_bit(env, setup):
         swapper.restore()
         assert same_weights(got, want), [k for k in raw(got) if not torch.equal(raw(got)[k], raw(want)[k])][:5]
     assert same_weights(base_weights(model), before)
+
+
+def test_merged_copy_is_sized_as_stored(env, setup):
+    """The patched copy ``auto`` weighs against free VRAM counts the fp8 bytes (and scales) a quantized weight holds,
+    not the fp32 it reports as its dtype (0.9.x's QuantizedTensor): four times too much would run such models
+    unmerged on cards where the copy fits."""
+    model, names, _, _ = setup
+    ms = env.engine("nodes.runtime.merged_swap")
+    _, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, load_set(names, STRENGTHS), 2,
+                                                                       "paper", "auto")
+    import comfy.utils
+
+    keys = ms.patched_keys(runtime.options)
+    numel = {k: comfy.utils.get_attr(build_unet("sd15", SEED).model, k).numel() for k in keys}
+    scratch = 2 * 4 * max(numel.values())
+    stored = sum(n * (1 if k in model.fp8_keys else 4) for k, n in numel.items())  # fp8 bytes, fp32 for the conv
+    held = ms.held_bytes(model.model, runtime.options) - scratch
+    assert stored <= held <= stored + 4 * len(keys), (held, stored)  # + at most a fp32 scale per layer
 
 
 @pytest.mark.parametrize("strategy", ["auto", "merged"])
