@@ -4,7 +4,7 @@ from __future__ import annotations
 from .lora_format import summarize
 from .lora_keys import build_key_map, normalize_keys
 from .lora_set import LoraEntry, LoraSet
-from .patching import model_family, resolve_entry
+from .patching import model_family, resolve_entry, state_shapes
 
 
 def describe_entry(entry: LoraEntry, model=None, clip=None) -> str:
@@ -14,8 +14,8 @@ def describe_entry(entry: LoraEntry, model=None, clip=None) -> str:
         head += f" [blocks {entry.blocks.describe()}]"
     lines = [head, "  " + summary.describe()]
     if model is not None or clip is not None:
-        model_sd = model.model.state_dict() if model is not None else {}
-        clip_sd = clip.cond_stage_model.state_dict() if clip is not None else None
+        model_sd = state_shapes(model.model) if model is not None else {}
+        clip_sd = state_shapes(clip.cond_stage_model) if clip is not None else None
         try:
             patches = resolve_entry(entry, build_key_map(model, clip), model_sd, clip_sd, model_family(model))
             lines.append("  against the connected model: " + patches.describe())

@@ -28,8 +28,8 @@ import torch
 from ..kernels import merge_math
 from .lora_keys import kohya_names
 from .lora_set import LoraEntry, LoraSet, memory_entry, require_nonempty
-from .patching import (group_by_block_weight, model_family, plain_lora_weights, resolve_set, target_parts,
-                       weight_as_computed)
+from .patching import (delta_base, group_by_block_weight, model_family, plain_lora_weights, resolve_set,
+                       target_parts)
 
 MERGE_METHODS = ("linear", "concat", "svd", "ties", "dare")
 METHODS_WITH_RANK = ("svd", "ties", "dare")
@@ -99,9 +99,10 @@ def _whole_weight_patch(entry: LoraEntry, owner, target, patch) -> tuple[str, ob
 
 def exact_delta(patcher, key: str, contribution: Contribution, strength: float | None = None) -> torch.Tensor:
     """ΔW of one patch in fp32, with ComfyUI's own ``calculate_weight`` (handles every adapter type)."""
-    base = weight_as_computed(patcher.model, key, original_weight(patcher, key))
     s = contribution.strength if strength is None else strength
-    patched = comfy.lora.calculate_weight([(s, contribution.patch, 1.0, None, None)], base.clone(), key)
+    patches = [(s, contribution.patch, 1.0, None, None)]
+    base = delta_base(patcher.model, key, patches, original_weight(patcher, key))
+    patched = comfy.lora.calculate_weight(patches, base.clone(), key)
     return patched.float() - base
 
 

@@ -75,12 +75,53 @@ def plain_lora_weights(patch) -> tuple | None:
     return weights
 
 
+# Where each weight-independent adapter keeps its DoRA scale (``weights[i]``; None when it has none): core's
+# LoRAAdapter / LoHaAdapter / LoKrAdapter add a ΔW that does not depend on the weight — unless DoRA rescales it.
+_DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}
+
+
+def foreign_storage(weight: torch.Tensor, set_func=None, convert=None) -> bool:
+    """Whether a weight is stored in a form only its own pack can read or patch: a tensor subclass or an integer
+    dtype without core's ``set_weight`` / ``convert_weight`` (GGUF's packed blocks: a ``GGMLTensor`` of bytes)."""
+    return set_func is None and convert is None and (
+        type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point)
+
+
+def weight_independent(patch) -> bool:
+    """Whether a patch's ΔW is the same whatever weight it is added to: a plain LoRA / LoCon, LoHa or LoKr without
+    DoRA, or a ``diff``. (DoRA normalises by the patched weight; OFT / BOFT / GLoRA multiply it.)"""
+    if isinstance(patch, tuple):
+        return bool(patch) and patch[0] == "diff"
+    index = _DORA_INDEX.get(getattr(patch, "name", None))
+    weights = getattr(patch, "weights", ())
+    return index is not None and (len(weights) <= index or weights[index] is None)
+
+
+def delta_base(module: torch.nn.Module, key: str, patches: list,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight to compute the ΔW of ``patches`` (core patch tuples) from: the weight as its layer computes
+    with it (``weight_as_computed``); for a weight only its own pack can read (``foreign_storage``), zeros of its
+    (logical) shape when every patch's ΔW is independent of the weight — exact — and otherwise a clear error rather
+    than a ΔW computed from packed bytes."""
+    current, set_func, convert = get_key_weight(module, key)
+    stored = current if weight is None else weight
+    if not foreign_storage(stored, set_func, convert):
+        return weight_as_computed(module, key, weight)
+    dependent = [type(p[1]).__name__ for p in patches if not weight_independent(p[1])]
+    if dependent:
+        raise ValueError(
+            f"{key} is stored as {type(stored).__name__} / {stored.dtype}, a form only its own loader can read, and "
+            f"{dependent[0]} patches depend on the weight's values (DoRA, OFT, GLoRA): apply this LoRA statically "
+            "with 'Apply LoRA set' (the model's own loader patches it), or use a plain LoRA / LoHa / LoKr.")
+    return torch.zeros(tuple(stored.shape), dtype=torch.float32, device=stored.device)
+
+
 def weight_as_computed(module: torch.nn.Module, key: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """A weight of ``module`` in fp32 on the CPU as its layer computes with it — a quantized layer's (fp8 scaled,
-    ``QuantizedTensor``) dequantized by the layer's own ``convert_weight``, which is where core's patching starts
-    (DoRA's ΔW depends on the weight's norm). ``weight``: another copy of that weight to convert (a backup)."""
+    """A weight of ``module`` in fp32, on the device it is on, as its layer computes with it — a quantized layer's
+    (fp8 scaled, ``QuantizedTensor``) dequantized by the layer's own ``convert_weight``, which is where core's
+    patching starts (DoRA's ΔW depends on the weight's norm). ``weight``: another copy of that weight (a backup)."""
     current, _set_func, convert = get_key_weight(module, key)
-    w32 = (current if weight is None else weight).detach().to(device="cpu", dtype=torch.float32, copy=True)
+    w32 = (current if weight is None else weight).detach().to(dtype=torch.float32, copy=True)
     return convert(w32, inplace=True) if convert is not None else w32
 
 
@@ -154,7 +195,8 @@ def keys_present(key_map: dict, tensors: dict) -> dict:
 
 def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict | None,
                   family: str) -> EntryPatches:
-    """Turn one entry into patches for the model and CLIP, checking names and shapes first."""
+    """Turn one entry into patches for the model and CLIP, checking names and shapes first. ``model_sd`` /
+    ``clip_sd``: every state-dict key with its shape (``state_shapes``)."""
     tensors = normalize_keys(entry.tensors())
     patches = comfy.lora.load_lora(tensors, keys_present(key_map, tensors), log_missing=False)
     result = EntryPatches(name=entry.name)
@@ -164,11 +206,11 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     for target, patch in patches.items():
         key = _target_name(target)
         if key in model_sd:
-            if not _fits(patch, target, model_sd[key].shape):
+            if not _fits(patch, target, model_sd[key]):
                 mismatched.append(key)
             result.model[target] = patch
         elif clip_sd is not None and key in clip_sd:
-            if not _fits(patch, target, clip_sd[key].shape):
+            if not _fits(patch, target, clip_sd[key]):
                 mismatched.append(key)
             result.clip[target] = patch
     accepted = {_target_name(t) for t in (*result.model, *result.clip)}
@@ -193,9 +235,19 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     return result
 
 
+def state_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    """Every state-dict key of ``module`` with the shape its layer computes with: a parameter's own shape where it
+    has one. Quantized storage can differ in its state-dict entry — GGUF's packed blocks (a ``GGMLTensor`` reports its
+    logical shape, its state-dict entry the packed bytes'), 0.9.x's packed nvfp4 weights — and every LoRA would then
+    fail the shape check on such a model."""
+    shapes = {key: value.shape for key, value in module.state_dict().items()}
+    shapes.update((key, param.shape) for key, param in module.named_parameters())
+    return shapes
+
+
 def _state_dicts(model_patcher, clip) -> tuple[dict, dict | None]:
-    model_sd = model_patcher.model.state_dict() if model_patcher is not None else {}
-    clip_sd = clip.cond_stage_model.state_dict() if clip is not None else None
+    model_sd = state_shapes(model_patcher.model) if model_patcher is not None else {}
+    clip_sd = state_shapes(clip.cond_stage_model) if clip is not None else None
     return model_sd, clip_sd
 
 

@@ -15,7 +15,7 @@ import comfy.utils
 import torch
 
 from ...kernels.lowrank import ConvSpec, LowRankAdapter
-from ..patching import weight_as_computed
+from ..patching import delta_base
 
 DENSE_BUDGET_BYTES = 2 * 1024**3  # refuse to build more dense deltas than this (clear error, not OOM)
 
@@ -77,8 +77,8 @@ def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | Non
 def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Tensor:
     """ΔW of a patch list with core math, in fp32 on the CPU, from the weight as the layer computes with it: a
     quantized layer's (fp8 scaled) dequantized by its own ``convert_weight``, as core's patching does (DoRA's ΔW
-    depends on the weight's norm)."""
-    w32 = weight_as_computed(base_model, key)
+    depends on the weight's norm); see ``patching.delta_base`` for weights only their own pack can read."""
+    w32 = delta_base(base_model, key, patch_list).cpu()
     return comfy.lora.calculate_weight(patch_list, w32.clone(), key) - w32
 
 

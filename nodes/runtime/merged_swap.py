@@ -37,6 +37,7 @@ import comfy.utils
 import torch
 from comfy.model_patcher import string_to_seed
 
+from ..patching import foreign_storage
 from .lowrank_terms import LowRankTerms
 
 try:
@@ -91,7 +92,7 @@ def merge_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict[st
         if layer.set_func is not None:
             if "return_weight" not in inspect.signature(layer.set_func).parameters:
                 return f"{key} is quantized by a layer whose set_weight cannot hand back the patched weight"
-        elif type(weight) not in (torch.nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+        elif foreign_storage(weight, convert=layer.convert):
             return f"{key} is stored as {type(weight).__name__} / {weight.dtype}, a form only its own loader patches"
     return None
 

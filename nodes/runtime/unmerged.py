@@ -23,6 +23,12 @@ from ...kernels import dispatch, lowrank_routed
 from .layers import LayerPlan
 
 
+# The hooks read per-run state (prepared factors, the call's routing) that a torch.compile'd model (core's
+# TorchCompileModel) would otherwise bake into a graph traced in one run and replay in the next: they run eagerly,
+# a graph break per hooked layer (tests/integration/test_compiled.py).
+_not_traced = getattr(getattr(torch, "compiler", None), "disable", None) or (lambda fn: fn)
+
+
 @dataclass
 class Routing:
     """Row weights for the current model call: [rows, options], or one row broadcast to every row."""
@@ -117,6 +123,7 @@ class UnmergedAdapters:
         def bias_offsets(dtype, device):  # [options, out]
             return torch.stack([t.reshape(-1) for t in plan.bias]).to(device=device, dtype=dtype)
 
+        @_not_traced
         def add_adapters(module, inputs, output):
             x = inputs[0]
             rows = x.shape[0]

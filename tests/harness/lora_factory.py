@@ -7,6 +7,7 @@ file loads with zero unmatched keys and that it produces the right weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -218,3 +219,15 @@ def make_te_lora(clip_sd: dict, style: str = "kohya", rank: int = 2, seed: int =
             lora.tensors[name + dn], lora.tensors[name + up] = parts["down"], parts["up"]
             lora.expected[key] = delta
     return lora
+
+
+def save_strong_loras(model_sd: dict, targets: list[str], folder, prefix: str, seeds, ranks) -> list[str]:
+    """Kohya LoRAs on ``targets`` (one per seed, alpha 1), their ups amplified 8× so that a wrong LoRA at any step is
+    visible, saved as ``{prefix}_{i}.safetensors`` in ``folder``; returns the file names."""
+    names = []
+    for i, (seed, rank) in enumerate(zip(seeds, ranks)):
+        lora = make_lora(model_sd, targets, "kohya", rank=rank, alpha=1.0, seed=seed)
+        lora.amplified(8)
+        names.append(f"{prefix}_{i}.safetensors")
+        lora.save(Path(folder) / names[-1])
+    return names

@@ -37,3 +37,12 @@ def reference(model, names, strengths, active, sampler_name, sigmas, pos, neg, l
         x = run_custom(patched, sampler_name, sigmas[i:i + 2], pos, neg, noise if i == 0 else torch.zeros_like(noise),
                        x, seed=seed)
     return x
+
+
+def cat_conds(seed: int = 52):
+    """(positive, negative) conditioning from the tiny SD1.5 CLIP: "a cat" and the empty prompt."""
+    from .tiny_models import build_sd15_clip
+
+    clip = build_sd15_clip(seed=seed)
+    return (clip.encode_from_tokens_scheduled(clip.tokenize("a cat")),
+            clip.encode_from_tokens_scheduled(clip.tokenize("")))

@@ -84,7 +84,9 @@ def build_quantized_unet(seed: int = 0, form: str = "scaled"):
     ``convert_weight``, which is how core patches them; fp8 compute is off on a CPU, so they dequantize in forward.
     ``form="fp8"``: plain fp8 weights cast to fp32 in forward (``manual_cast``), as the loaders' ``weight_dtype``
     fp8_e4m3fn gives; core patches those with ``stochastic_rounding``.
-    Returns ``(patcher, linear_keys)``: the fp8 layers' weight keys (``diffusion_model.….weight``)."""
+    ``form="nvfp4"`` (0.9.x only): 4-bit weights packed two to a byte with fp8 block scales, whose state-dict entry
+    is the packed ``[out, in / 2]`` bytes while the layer computes with ``[out, in]``.
+    Returns ``(patcher, linear_keys)``: the quantized layers' weight keys (``diffusion_model.….weight``)."""
     import json
 
     import comfy.model_management as mm
@@ -102,14 +104,20 @@ def build_quantized_unet(seed: int = 0, form: str = "scaled"):
         if form == "fp8":
             sd[f"{name}.weight"] = w.to(fp8)
             continue
+        if mixed:  # the layer's entries as core's own QuantizedTensor writes them (data and scales)
+            import comfy.quant_ops
+
+            layout, fmt = (("TensorCoreNVFP4Layout", "nvfp4") if form == "nvfp4"
+                           else ("TensorCoreFP8E4M3Layout", "float8_e4m3fn"))
+            quantized = comfy.quant_ops.QuantizedTensor.from_float(w, layout, scale="recalculate")
+            sd.update(quantized.state_dict(f"{name}.weight"))
+            sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+            continue
+        if form == "nvfp4":
+            raise ValueError("nvfp4 layers exist from ComfyUI 0.9 on")
         scale = (w.abs().max() / FP8_MAX).reshape(())
         sd[f"{name}.weight"] = (w / scale).to(fp8)
-        if mixed:
-            sd[f"{name}.weight_scale"] = scale
-            sd[f"{name}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
-                                                     dtype=torch.uint8)
-        else:
-            sd[f"{name}.scale_weight"] = scale
+        sd[f"{name}.scale_weight"] = scale
     config = dict(SD15_TINY, dtype=torch.float32)
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(torch.float32, None)
