@@ -13,7 +13,7 @@ import json
 import torch
 
 from ..lora_set import LoraEntry, LoraSet
-from ..patching import model_family
+from ..patching import model_family, state_shapes
 from .file_format import LoraHypernet
 from .lidb import LidbSpec, lora_entry_from_factors, materialize, split_flat
 
@@ -95,9 +95,9 @@ def check_model_fits(hypernet: LoraHypernet, model=None, clip=None) -> None:
     if hypernet.config.base_model and hypernet.config.base_model != family:
         raise ValueError(f"{hypernet.name} was trained for {hypernet.config.base_model} models; the connected model is "
                          f"{family}.")
-    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    shapes = {k: tuple(v) for k, v in state_shapes(model.model).items()}  # as computed, not as stored (quantized)
     if clip is not None:
-        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+        shapes.update({k: tuple(v) for k, v in state_shapes(clip.cond_stage_model).items()})
     missing, wrong = [], []
     for layer in hypernet.spec.layers:
         if layer.is_text_encoder and clip is None:

@@ -154,9 +154,11 @@ def lidb_spec_for_model(model_patcher, clip=None, *, rank: int = 1, down_dim: in
     attention, MFaceTech's target set); text encoder: ``….self_attn.{q,k,v,out}_proj.weight``.
     Layers come in state-dict order; seeds from ``layer_seed(base_seed, key)``.
     """
+    from ..patching import state_shapes  # here: the rest of this module works without ComfyUI (unit tests)
+
     if model_patcher is None:
         raise ValueError("lidb_spec_for_model needs a MODEL.")
-    shapes = {k: v.shape for k, v in model_patcher.model.state_dict().items()}
+    shapes = state_shapes(model_patcher.model)  # what the layers compute with (packed quantized storage differs)
     keys = attention_keys(shapes, UNET_ATTENTION)
     if not keys:
         family = type(model_patcher.model.model_config).__name__
@@ -166,7 +168,7 @@ def lidb_spec_for_model(model_patcher, clip=None, *, rank: int = 1, down_dim: in
     if include_text_encoder:
         if clip is None:
             raise ValueError("include_text_encoder needs a CLIP input connected.")
-        clip_shapes = {k: v.shape for k, v in clip.cond_stage_model.state_dict().items()}
+        clip_shapes = state_shapes(clip.cond_stage_model)
         te_keys = attention_keys(clip_shapes, TEXT_ATTENTION)
         if not te_keys:
             raise ValueError("the connected CLIP has no self_attn q/k/v/out_proj layers to target.")

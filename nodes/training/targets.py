@@ -77,12 +77,22 @@ class TargetLayer:
         return (self.in_features, *self.kernel_size)
 
 
+def _linear(module: torch.nn.Module) -> bool:
+    """A linear layer: ``torch.nn.Linear``, or a module that computes like one without subclassing it (ComfyUI 0.9.x's
+    quantized Linear of ``mixed_precision_ops`` — fp8 scaled / nvfp4 checkpoints — is a plain ``Module`` with
+    ``in_features`` / ``out_features``)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None),
+                                                                               int)
+
+
 def _layer(owner: str, key_prefix: str, path: str, module: torch.nn.Module) -> TargetLayer | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
     key = f"{key_prefix}{path}.weight"
-    if isinstance(module, torch.nn.Linear) and weight.ndim == 2:
+    if _linear(module) and weight.ndim == 2:
         return TargetLayer(owner, key, path, "linear", int(weight.shape[0]), int(weight.shape[1]))
     if (isinstance(module, torch.nn.Conv2d) and weight.ndim == 4 and module.groups == 1
             and module.padding_mode == "zeros" and not isinstance(module.padding, str)):

@@ -24,7 +24,8 @@ import torch
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set
 from harness.sampling import cat_conds, reference, run_custom, sigmas_for
-from harness.tiny_models import build_quantized_unet, build_unet, quantized_ops_missing, weights_snapshot
+from harness.tiny_models import (build_quantized_unet, build_sd15_clip, build_unet, quantized_ops_missing,
+                                 weights_snapshot)
 
 REL = 1e-5
 SEED = 21
@@ -253,6 +254,45 @@ def test_merge_on_quantized_model_uses_the_dequantized_weights(env, setup):
     assert merged["quantized"].keys() == merged["twin"].keys()
     for k, t in merged["twin"].items():
         assert close(merged["quantized"][k], t), k
+
+
+def test_lora_training_on_quantized_model(env, setup):
+    """LoraTrain finds the quantized Linear layers (0.9.x's are no ``torch.nn.Linear``: it found none and said the
+    preset "matches no layer") and trains through their own forward: the same LoRA as on the dequantized twin, whose
+    weights are exactly what those layers compute with; the model is untouched. SGD, whose steps are proportional to
+    the gradient: 0.3.x's scaled-fp8 forward scales the input rather than the weight in some layers, a rounding-level
+    difference that Adam's first steps (±lr per element, whatever the gradient's size) would blow up."""
+    import comfy.utils
+    from harness.training import PROMPT, synthetic_latents
+
+    model, _, _, _ = setup
+    before = base_weights(model)
+    trained = {}
+    progress, comfy.utils.PROGRESS_BAR_ENABLED = comfy.utils.PROGRESS_BAR_ENABLED, False
+    try:
+        for label, m in (("quantized", model), ("twin", dequantized_twin(model))):
+            (lora_set, _curve, report) = call_node(
+                "LoraTrain", model=m, clip=build_sd15_clip(seed=4), instance_prompt=PROMPT, identifier="sks",
+                parameterisation="standard LoRA", targets="attention", rank=4, alpha=0.0, steps=2,
+                learning_rate=1.0, batch_size=2, optimizer="SGD", lambda_prior=0.0, seed=0,
+                gradient_checkpointing=False, training_dtype="auto", resolution=0, checkpoint_every=0,
+                checkpoint_prefix=f"training/quantized_{model.form}_{label}", latents={"samples": synthetic_latents()})
+            assert "56 UNet" in report, report
+            trained[label] = lora_set.entries[0].tensors()
+    finally:
+        comfy.utils.PROGRESS_BAR_ENABLED = progress
+    assert trained["quantized"].keys() == trained["twin"].keys()
+    for k, t in trained["twin"].items():
+        assert close(trained["quantized"][k], t), k
+    assert same_weights(base_weights(model), before)
+
+
+def test_lidb_targets_on_quantized_model(env, setup):
+    """The hypernetwork's LiDB layers take each layer's computed shape (nvfp4's state-dict entry is the packed
+    ``[out, in / 2]`` bytes): the same spec as on the dequantized twin."""
+    model, _, _, _ = setup
+    lidb = env.engine("nodes.hypernet.lidb")
+    assert lidb.lidb_spec_for_model(model) == lidb.lidb_spec_for_model(dequantized_twin(model))
 
 
 def test_composite_on_quantized_model(env, setup):
