@@ -99,14 +99,17 @@ def weight_independent(patch) -> bool:
 
 def delta_base(module: torch.nn.Module, key: str, patches: list,
                weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp32 weight to compute the ΔW of ``patches`` (core patch tuples) from: the weight as its layer computes
-    with it (``weight_as_computed``); for a weight only its own pack can read (``foreign_storage``), zeros of its
-    (logical) shape when every patch's ΔW is independent of the weight — exact — and otherwise a clear error rather
-    than a ΔW computed from packed bytes."""
+    """The fp32 weight (on the device it is on) to compute the ΔW of ``patches`` (core patch tuples) from: the weight
+    as its layer computes with it — a quantized layer's (fp8 scaled, ``QuantizedTensor``) dequantized by the layer's
+    own ``convert_weight``, which is where core's patching starts (DoRA's ΔW depends on the weight's norm). For a
+    weight only its own pack can read (``foreign_storage``): zeros of its (logical) shape when every patch's ΔW is
+    independent of the weight — exact — and otherwise a clear error rather than a ΔW computed from packed bytes.
+    ``weight``: another copy of the layer's weight to start from (a backup)."""
     current, set_func, convert = get_key_weight(module, key)
     stored = current if weight is None else weight
     if not foreign_storage(stored, set_func, convert):
-        return weight_as_computed(module, key, weight)
+        w32 = stored.detach().to(dtype=torch.float32, copy=True)
+        return convert(w32, inplace=True) if convert is not None else w32
     dependent = [type(p[1]).__name__ for p in patches if not weight_independent(p[1])]
     if dependent:
         raise ValueError(
@@ -114,15 +117,6 @@ def delta_base(module: torch.nn.Module, key: str, patches: list,
             f"{dependent[0]} patches depend on the weight's values (DoRA, OFT, GLoRA): apply this LoRA statically "
             "with 'Apply LoRA set' (the model's own loader patches it), or use a plain LoRA / LoHa / LoKr.")
     return torch.zeros(tuple(stored.shape), dtype=torch.float32, device=stored.device)
-
-
-def weight_as_computed(module: torch.nn.Module, key: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """A weight of ``module`` in fp32, on the device it is on, as its layer computes with it — a quantized layer's
-    (fp8 scaled, ``QuantizedTensor``) dequantized by the layer's own ``convert_weight``, which is where core's
-    patching starts (DoRA's ΔW depends on the weight's norm). ``weight``: another copy of that weight (a backup)."""
-    current, _set_func, convert = get_key_weight(module, key)
-    w32 = (current if weight is None else weight).detach().to(dtype=torch.float32, copy=True)
-    return convert(w32, inplace=True) if convert is not None else w32
 
 
 def _target_name(target) -> str:

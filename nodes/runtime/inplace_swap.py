@@ -22,11 +22,10 @@ what ``MergedSwapper`` is for where its copy fits.
 """
 from __future__ import annotations
 
-import comfy.utils
 import torch
 
 from .lowrank_terms import LowRankTerms
-from .merged_swap import (_FAST_DTYPES, _Layer, core_patched_weight, merge_obstacle, normalize_option,
+from .merged_swap import (_FAST_DTYPES, _Layer, core_patched_weight, layer_merge_obstacle, normalize_option,
                           option_patch_lists, patched_keys, resolve_layers)
 
 REFRESH_EVERY = {torch.float32: 16}  # incremental updates of a layer between rewrites from its original
@@ -38,12 +37,12 @@ def in_place_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict
     """Why the model's weights cannot be swapped in place (None if they can): a weight stored in another form than
     it computes in (quantized layers, ``set_func`` / ``convert``), or two keys sharing one tensor (tied weights
     would be patched twice); and whatever no swapper can merge (``merge_obstacle``)."""
-    obstacle = merge_obstacle(base_model, patches_per_option)
-    if obstacle is not None:
-        return obstacle
     seen: dict[int, str] = {}
     for layer in resolve_layers(base_model, patched_keys(patches_per_option)):
         key = layer.key
+        obstacle = layer_merge_obstacle(layer)
+        if obstacle is not None:
+            return obstacle
         if layer.set_func is not None or layer.convert is not None:
             return f"{key} is stored in another form than it computes in (quantized)"
         pointer = layer.original.data_ptr()
@@ -55,7 +54,7 @@ def in_place_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict
 
 def backup_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]]) -> int:
     """Host memory an ``InPlaceSwapper`` holds during a run: the originals of every patched layer (aligned)."""
-    return sum(_aligned(comfy.utils.get_attr(base_model, k)) for k in patched_keys(patches_per_option))
+    return sum(_aligned(layer.original) for layer in resolve_layers(base_model, patched_keys(patches_per_option)))
 
 
 def _aligned(weight: torch.Tensor) -> int:

@@ -59,7 +59,7 @@ def held_bytes(base_model: torch.nn.Module, patches_per_option: list[dict[str, l
     copy of every patched weight (plus one per cached set) and the scratch ``_group`` allocates, the largest layer
     in at most 8 bytes per element (the fp32 product, plus either an fp32 work copy or the fp16 scaled product and
     fp16 work copy when core computes in fp16)."""
-    weights = [comfy.utils.get_attr(base_model, k) for k in patched_keys(patches_per_option)]
+    weights = [layer.original for layer in resolve_layers(base_model, patched_keys(patches_per_option))]
     copy = sum(map(stored_bytes, weights))
     largest = max((w.numel() for w in weights), default=0)
     return copy * (1 + cached_sets) + 2 * 4 * largest
@@ -82,18 +82,26 @@ def _layer_method(module: torch.nn.Module, attribute: str):
 
 
 def merge_obstacle(base_model: torch.nn.Module, patches_per_option: list[dict[str, list]]) -> str | None:
-    """Why these weights cannot be merged by a swapper (None if they can). Core's quantized layers (fp8 scaled,
+    """Why these weights cannot be merged by a swapper (None if they can): the first ``layer_merge_obstacle``."""
+    for layer in resolve_layers(base_model, patched_keys(patches_per_option)):
+        obstacle = layer_merge_obstacle(layer)
+        if obstacle is not None:
+            return obstacle
+    return None
+
+
+def layer_merge_obstacle(layer: "_Layer") -> str | None:
+    """Why a swapper cannot merge into this layer (None if it can). Core's quantized layers (fp8 scaled,
     ``QuantizedTensor``) are merged the way core merges them, through the layer's own ``set_weight``; a weight some
     other pack stores in its own form (a tensor subclass or an integer dtype without ``set_weight``, as GGUF's packed
     blocks) only that pack knows how to patch: a merge would write garbage into it. The forward hooks see only the
     layer's output, so those layers run unmerged."""
-    for layer in resolve_layers(base_model, patched_keys(patches_per_option)):
-        key, weight = layer.key, layer.original
-        if layer.set_func is not None:
-            if "return_weight" not in inspect.signature(layer.set_func).parameters:
-                return f"{key} is quantized by a layer whose set_weight cannot hand back the patched weight"
-        elif foreign_storage(weight, convert=layer.convert):
-            return f"{key} is stored as {type(weight).__name__} / {weight.dtype}, a form only its own loader patches"
+    weight = layer.original
+    if layer.set_func is not None:
+        if "return_weight" not in inspect.signature(layer.set_func).parameters:
+            return f"{layer.key} is quantized by a layer whose set_weight cannot hand back the patched weight"
+    elif foreign_storage(weight, convert=layer.convert):
+        return f"{layer.key} is stored as {type(weight).__name__} / {weight.dtype}, a form only its own loader patches"
     return None
 
 

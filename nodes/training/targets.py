@@ -81,10 +81,8 @@ def _linear(module: torch.nn.Module) -> bool:
     """A linear layer: ``torch.nn.Linear``, or a module that computes like one without subclassing it (ComfyUI 0.9.x's
     quantized Linear of ``mixed_precision_ops`` — fp8 scaled / nvfp4 checkpoints — is a plain ``Module`` with
     ``in_features`` / ``out_features``)."""
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None),
-                                                                               int)
+    return isinstance(module, torch.nn.Linear) or all(
+        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
 
 
 def _layer(owner: str, key_prefix: str, path: str, module: torch.nn.Module) -> TargetLayer | None:
