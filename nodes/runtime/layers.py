@@ -60,14 +60,15 @@ def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | Non
         return None
     rank = down.shape[0]
     scale = float(strength) * (1.0 if alpha is None else float(alpha) / rank)
-    if weight.ndim == 4:
+    shape = weight.shape  # the layer's; not .ndim, which packed storage (GGUF's GGMLTensor) reports for its bytes
+    if len(shape) == 4:
         if mid is None:
-            down = down.reshape(rank, *weight.shape[1:])
+            down = down.reshape(rank, *shape[1:])
         else:
-            down = down.reshape(rank, weight.shape[1], 1, 1)
-            mid = mid.reshape(rank, rank, *weight.shape[2:])
-        up = up.reshape(weight.shape[0], rank, 1, 1)
-    elif weight.ndim == 2 and mid is None:
+            down = down.reshape(rank, shape[1], 1, 1)
+            mid = mid.reshape(rank, rank, *shape[2:])
+        up = up.reshape(shape[0], rank, 1, 1)
+    elif len(shape) == 2 and mid is None:
         down, up = down.reshape(rank, -1), up.reshape(up.shape[0], rank)
     else:
         return None

@@ -90,9 +90,10 @@ def _layer(owner: str, key_prefix: str, path: str, module: torch.nn.Module) -> T
     if not isinstance(weight, torch.Tensor):
         return None
     key = f"{key_prefix}{path}.weight"
-    if _linear(module) and weight.ndim == 2:
+    rank = len(weight.shape)  # the layer's shape: packed storage (GGUF) has another .ndim
+    if _linear(module) and rank == 2:
         return TargetLayer(owner, key, path, "linear", int(weight.shape[0]), int(weight.shape[1]))
-    if (isinstance(module, torch.nn.Conv2d) and weight.ndim == 4 and module.groups == 1
+    if (isinstance(module, torch.nn.Conv2d) and rank == 4 and module.groups == 1
             and module.padding_mode == "zeros" and not isinstance(module.padding, str)):
         return TargetLayer(owner, key, path, "conv", int(weight.shape[0]), int(weight.shape[1]),
                            tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),

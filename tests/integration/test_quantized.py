@@ -388,3 +388,71 @@ def test_dense_formats_on_weights_in_a_foreign_form(env, loras):
         call_node("LoraSetMerge", model=model, lora_set=load_set([dora], [1.0]), method="linear", rank=0,
                   density=0.5, seed=0)
     assert same_weights(base_weights(model), before)
+
+
+class PackedTensor(torch.Tensor):
+    """A weight stored as packed bytes that reports the shape its layer computes with, as GGUF's ``GGMLTensor`` does:
+    ``shape`` is the layer's, the data — and so ``ndim`` — the packed blocks' (here fp32 values as ``[out, in · 4]``
+    bytes of a 1×1 conv)."""
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, logical_shape):
+        tensor = torch.Tensor._make_subclass(cls, packed, False)
+        tensor.tensor_shape = torch.Size(logical_shape)
+        return tensor
+
+    def detach(self, *args, **kwargs):  # nn.Parameter detaches its data: keep the logical shape (GGUF does too)
+        new = super().detach(*args, **kwargs)
+        new.tensor_shape = self.tensor_shape
+        return new
+
+    @property
+    def shape(self):
+        return getattr(self, "tensor_shape", self.size())
+
+
+class PackedConv2d(torch.nn.Conv2d):
+    """A 1×1 conv whose weight is a ``PackedTensor`` (lossless: the fp32 bytes), unpacked in forward."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None)
+        w = conv.weight.detach()
+        packed = w.reshape(w.shape[0], -1).contiguous().view(torch.uint8)
+        self.weight = torch.nn.Parameter(PackedTensor(packed, w.shape), requires_grad=False)
+        if conv.bias is not None:
+            self.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        w = self.weight.as_subclass(torch.Tensor).view(torch.float32).reshape(self.weight.shape)
+        return self._conv_forward(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def test_conv_loras_on_packed_conv_weights(env, loras):
+    """A LoCon on a conv layer whose weight reports its shape but stores packed blocks (GGUF's form): the runtime reads
+    the shape the layer computes with, not the packed data's rank (``as_lowrank`` took such a 4-D conv for a linear
+    layer, and sampling failed at the layer's first call), runs it unmerged, and equals the same LoRAs merged into the
+    plain model (Switch and Composite); the packed weights stay untouched."""
+    import comfy.sample
+    import comfy.utils
+
+    names, pos, neg, targets = loras
+    key = next(t for t in targets if ".proj_in." in t)
+    path = key[:-len(".weight")]
+    model, twin = build_unet("sd15", SEED), build_unet("sd15", SEED)
+    comfy.utils.set_attr(model.model, path, PackedConv2d(comfy.utils.get_attr(model.model, path)))
+    weight = comfy.utils.get_attr(model.model, key)
+    assert weight.ndim == 2 and len(weight.shape) == 4  # the form under test
+    before = base_weights(model)
+    got, runtime = sample_switch(env, model, names, pos, neg, "auto")
+    assert runtime.strategies == ["unmerged"]
+    want, _ = sample_switch(env, twin, names, pos, neg, "merged")
+    assert close(got, want), (got - want).abs().max().item()
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    outs = {}
+    for label, m in (("packed", model), ("twin", twin)):
+        (comp, _clip, _report) = call_node("LoraSetComposite", model=m, lora_set=load_set(names, STRENGTHS),
+                                           strategy="auto")
+        outs[label] = run_custom(comp, "euler", sigmas_for(m, 3), pos, neg, noise, latent)
+    assert close(outs["packed"], outs["twin"]), (outs["packed"] - outs["twin"]).abs().max().item()
+    assert same_weights(base_weights(model), before)
