@@ -506,12 +506,14 @@ def _up(h: Tensor, up: Tensor, conv: ConvSpec | None) -> Tensor:
     return F.linear(h, up) if conv is None else F.conv2d(h, up)
 
 
-def _up_into(h: Tensor, up: Tensor, conv: ConvSpec | None, out: Tensor, alpha: float = 1.0) -> None:
+def _up_into(h: Tensor, up: Tensor, conv: ConvSpec | None, out: Tensor, alpha: float = 1.0,
+             up_t: Tensor | None = None) -> None:
     """``out += alpha · up(h)``; linear into a contiguous ``out``: one ``addmm_`` (beta = 1), so the
     delta is never materialised and the separate read-modify-write pass over ``out`` disappears.
+    ``up_t``: ``up.t()`` made beforehand (a caller running the same factors many times saves the view).
     """
     if conv is None and out.is_contiguous():
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=alpha)
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t() if up_t is None else up_t, alpha=alpha)
     else:
         out.add_(_up(h, up, conv), alpha=alpha)
 

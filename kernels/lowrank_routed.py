@@ -104,6 +104,18 @@ class PreparedLowRank:
                 self.down_blocks = self.down_cat.view(k, r, -1).transpose(1, 2)
                 self.up_blocks = self.up_cat.t().view(k, r, -1)
         self.downs, self.ups = downs, ups
+        # Views a forward needs again and again, made once: each slice or transpose is a dispatcher call (≈ 1 µs of
+        # host time), and a hooked layer runs a few hundred times per step (bench/bench_hooks.py).
+        self.ups_t = [None if conv is not None else u.t() for u in ups]
+        self.up_cat_t = None if conv is not None or self.up_cat is None else self.up_cat.t()
+        self._block_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def blocks(self, first: int, m: int) -> tuple[Tensor, Tensor]:
+        """``(down_blocks, up_blocks)`` of adapters ``first`` … ``first + m − 1`` (views, made once per range)."""
+        hit = self._block_views.get((first, m))
+        if hit is None:
+            hit = self._block_views[(first, m)] = (self.down_blocks[first:first + m], self.up_blocks[first:first + m])
+        return hit
 
 
 @dataclass(frozen=True)
@@ -194,17 +206,18 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
             if prepared.down_blocks is None or not out.is_contiguous():
                 add_routed_torch(prepared, x, out, seg.blocks)  # conv, unequal ranks: block by block
                 continue
-            first, m = seg.blocks[0].adapter, len(seg.blocks)
-            h = torch.bmm(x.reshape(m, -1, x.shape[-1]), prepared.down_blocks[first:first + m])
+            m = len(seg.blocks)
+            downs, ups = prepared.blocks(seg.blocks[0].adapter, m)
+            h = torch.bmm(x.reshape(m, -1, x.shape[-1]), downs)
             if seg.block_weights is not None:
                 h.mul_(seg.block_weights)
-            out.view(m, -1, out.shape[-1]).baddbmm_(h, prepared.up_blocks[first:first + m], alpha=seg.weight)
+            out.view(m, -1, out.shape[-1]).baddbmm_(h, ups, alpha=seg.weight)
             continue
         if seg.adapter is not None:
             a = seg.adapter
-            down, mid, up = prepared.downs[a], prepared.mids[a], prepared.ups[a]
+            down, mid, up, up_t = prepared.downs[a], prepared.mids[a], prepared.ups[a], prepared.ups_t[a]
         elif prepared.down_cat is not None:
-            down, mid, up = prepared.down_cat, None, prepared.up_cat
+            down, mid, up, up_t = prepared.down_cat, None, prepared.up_cat, prepared.up_cat_t
         else:  # Tucker or unequal down shapes: no stacked factors, one adapter after the other
             singles = [RowSegment(seg.rows, seg.weights, a, w) for a, w in enumerate(seg.weights) if w]
             add_routed_torch(prepared, x, out, singles)
@@ -217,7 +230,7 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
         if scattered:
             out.index_add_(0, seg.rows, _up(h, up, conv), alpha=seg.weight)
         else:  # every row, or a dim-0 slice (a view that stays contiguous when out is)
-            _up_into(h, up, conv, out if seg.rows is None else out[seg.rows], seg.weight)
+            _up_into(h, up, conv, out if seg.rows is None else out[seg.rows], seg.weight, up_t)
     return out
 
 
