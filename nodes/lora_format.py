@@ -89,10 +89,19 @@ def detect_key_style(keys: list[str]) -> str:
         return "B-LoRA (diffusers, doubled 'unet.unet.' prefix)"
     if any(k.startswith("base_model.model.") for k in keys):
         return "PEFT (base_model.model.*)"
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        sgm = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
-                  for k in keys)
-        return "kohya (sgm/ldm module names)" if sgm else "kohya (diffusers module names)"
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_"))
+           for k in keys):
+        if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
+               for k in keys):
+            return "kohya (sgm/ldm module names)"
+        # sd-scripts names DiT modules by the checkpoint's own layout (Flux double/single blocks, SD3 joint blocks);
+        # ai-toolkit and others write diffusers transformer names under lora_transformer_
+        if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks", "lora_unet_joint_blocks"))
+               for k in keys):
+            return "kohya (DiT checkpoint module names)"
+        if any(k.startswith("lora_transformer_") for k in keys):
+            return "kohya (diffusers transformer names)"
+        return "kohya (diffusers module names)"
     if any(k.startswith("lycoris_") for k in keys):
         return "LyCORIS / SimpleTuner (lycoris_*)"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")) for k in keys):
@@ -112,8 +121,42 @@ def _first_matching_shape(tensors: dict[str, torch.Tensor], pattern: str, suffix
     return None
 
 
-def guess_base_model(tensors: dict[str, torch.Tensor]) -> str:
-    """Best guess of the base-model family from key names and cross-attention widths."""
+# What trainers write about the base model (sd-scripts / ModelSpec): prefixes of ``modelspec.architecture`` and values
+# of ``ss_base_model_version``, mapped to the families the key guess names.
+_ARCHITECTURE_FAMILIES = (("stable-diffusion-v1", "SD1.x"), ("stable-diffusion-v2", "SD2.x"),
+                          ("stable-diffusion-xl", "SDXL"), ("flux-1", "Flux"), ("flux.1", "Flux"),
+                          ("stable-diffusion-3", "SD3"))
+_BASE_VERSION_FAMILIES = (("sd_v1", "SD1.x"), ("sd_v2", "SD2.x"), ("sdxl", "SDXL"), ("flux", "Flux"), ("sd3", "SD3"))
+
+
+def base_model_from_metadata(metadata: dict[str, str] | None) -> str | None:
+    """The base-model family the file's own metadata names (``modelspec.architecture``, else
+    ``ss_base_model_version``), or None when it names none we know."""
+    metadata = metadata or {}
+    architecture = str(metadata.get("modelspec.architecture", "")).strip().lower()
+    for prefix, family in _ARCHITECTURE_FAMILIES:
+        if architecture.startswith(prefix):
+            return family
+    version = str(metadata.get("ss_base_model_version", "")).strip().lower()
+    for prefix, family in _BASE_VERSION_FAMILIES:
+        if version.startswith(prefix):
+            return family
+    return None
+
+
+def guess_base_model(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Best guess of the base-model family: from key names and cross-attention widths, which are what the file
+    physically fits; where they leave it open (a UNet file without cross-attention layers, unknown keys) the family its
+    metadata names (ModelSpec / sd-scripts), marked as such."""
+    guess = _guess_from_keys(tensors)
+    if guess.startswith(("SD1.x/SD2.x", "unknown")):
+        stated = base_model_from_metadata(metadata)
+        if stated is not None:
+            return f"{stated} (from its metadata)"
+    return guess
+
+
+def _guess_from_keys(tensors: dict[str, torch.Tensor]) -> str:
     keys = list(tensors)
     joined = "\n".join(keys[:4000])
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks", joined):
@@ -187,5 +230,5 @@ def summarize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lor
     alphas = sorted({float(p[".alpha"].float().item()) for p in groups.values() if ".alpha" in p})
     te = sum(1 for prefix in groups if TEXT_ENCODER_PREFIX.match(prefix))
     return LoraSummary(network_types=dict(types), key_style=detect_key_style(list(tensors)), ranks=ranks,
-                       alphas=alphas, base_model=guess_base_model(tensors), triggers=trigger_words(metadata),
+                       alphas=alphas, base_model=guess_base_model(tensors, metadata), triggers=trigger_words(metadata),
                        module_count=len(groups), text_encoder_modules=te)

@@ -216,16 +216,17 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
             result.text_encoder_ignored += 1
         else:
             result.unmatched.append(prefix)
-    guess = guess_base_model(tensors)
     if mismatched:
         raise LoraMismatchError(
             f"{entry.name}: {len(mismatched)} of its layers do not fit the connected {family} model "
-            f"(e.g. {mismatched[0]}); the file looks made for {guess}. Nothing was applied.")
+            f"(e.g. {mismatched[0]}); the file looks made for {guess_base_model(tensors, entry.metadata())}. "
+            "Nothing was applied.")
     if not result.model and not result.clip and result.unmatched:
         shown = ", ".join(result.unmatched[:5])
         raise LoraMismatchError(
             f"{entry.name}: none of its {len(result.unmatched)} modules match the connected {family} model "
-            f"(the file looks made for {guess}; first keys: {shown}). Nothing was applied.")
+            f"(the file looks made for {guess_base_model(tensors, entry.metadata())}; first keys: {shown}). "
+            "Nothing was applied.")
     return result
 
 

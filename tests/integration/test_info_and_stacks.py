@@ -33,6 +33,40 @@ def test_info_describes_type_rank_base_and_triggers(env, model):
     assert text.count("0 unmatched") == 2
 
 
+@pytest.mark.parametrize("key, style", [
+    ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", "kohya (sgm/ldm module names)"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "kohya (diffusers module names)"),
+    ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "kohya (DiT checkpoint module names)"),
+    ("lora_unet_single_blocks_3_linear1.lora_down.weight", "kohya (DiT checkpoint module names)"),
+    ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "kohya (DiT checkpoint module names)"),
+    ("lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight", "kohya (diffusers transformer names)"),
+    ("lycoris_down_blocks_0_attentions_0_proj_in.lora_down.weight", "LyCORIS / SimpleTuner (lycoris_*)"),
+    ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "diffusers/PEFT (lora_A/lora_B)"),
+    ("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight", "ComfyUI generic (diffusion_model.*)"),
+])
+def test_key_style_names_dit_files(env, key, style):
+    """The key style LoraSetInfo reports: kohya Flux / SD3 files were called "diffusers module names" before."""
+    assert env.engine("nodes.lora_format").detect_key_style([key]) == style
+
+
+@pytest.mark.parametrize("key, metadata, base", [
+    ("lora_unet_down_blocks_0_resnets_0_conv1", {}, "SD1.x/SD2.x (UNet)"),
+    ("lora_unet_down_blocks_0_resnets_0_conv1", {"ss_base_model_version": "sdxl_base_v1-0"}, "SDXL (from its metadata)"),
+    ("lora_unet_down_blocks_0_resnets_0_conv1", {"modelspec.architecture": "stable-diffusion-v1/lora"},
+     "SD1.x (from its metadata)"),
+    ("some_module", {"modelspec.architecture": "flux-1-dev/lora"}, "Flux (from its metadata)"),
+    ("lora_unet_double_blocks_0_img_attn_qkv", {"ss_base_model_version": "sdxl_base_v1-0"}, "Flux"),  # keys win
+    ("some_module", {"ss_base_model_version": "something_new"}, "unknown"),
+])
+def test_base_model_guess_uses_metadata_where_keys_leave_it_open(env, key, metadata, base):
+    """Keys say what a file physically fits; a file without cross-attention layers (or with unknown keys) is named by
+    its ModelSpec / sd-scripts metadata instead, marked as such (LoraSetInfo and the wrong-base-model error)."""
+    import torch
+
+    tensors = {f"{key}.lora_down.weight": torch.zeros(2, 4), f"{key}.lora_up.weight": torch.zeros(4, 2)}
+    assert env.engine("nodes.lora_format").guess_base_model(tensors, metadata) == base
+
+
 def test_stack_round_trip(env, model):
     sd = model.model.state_dict()
     for i in range(2):
