@@ -63,6 +63,20 @@ def add_device_arguments(parser) -> None:
                              "patches computed in fp32), so that the 1e-4 correctness guards apply there as on the "
                              "CPU. Without it the GPU keeps PyTorch's and ComfyUI's defaults, whose roundings make "
                              "merged and unmerged strategies differ by more; the guards then only report")
+    parser.add_argument("--dtype", choices=tuple(UNET_DTYPES), default="fp32",
+                        help="the UNet's weight and compute dtype (default fp32). ComfyUI runs an SD1.5 checkpoint in "
+                             "fp16 on most GPUs, so fp16 there is what a user's run costs; the 1e-4 guards then only "
+                             "report (a half-precision merged W + ΔW rounds differently from W plus a LoRA path)")
+
+
+UNET_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def unet_dtype(args):
+    """``--dtype`` as a torch dtype (fp32 where a script has no such option)."""
+    import torch
+
+    return getattr(torch, UNET_DTYPES[getattr(args, "dtype", "fp32")])
 
 
 def select_device(args) -> None:
@@ -228,6 +242,27 @@ class SamplingMethods:
         return meter, out
 
 
+def trace_sampling(methods: "SamplingMethods", sample, title: str) -> None:
+    """torch.profiler over one warm run of ``sample`` (a method's sampling call): the top operators by host (self
+    CPU) time and, on cuda, by device time, and how busy the device was (its kernel time over the run's wall time:
+    near 1 the run is device-bound; well below, the host's launches and Python keep the device waiting)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = methods.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    methods.measure(sample)  # warm
+    with profile(activities=activities) as prof:
+        meter, _out = methods.measure(sample)
+    events = prof.key_averages()
+    print(f"\n=== torch.profiler, one warm run of {title}: wall {meter.wall:.3f} s ===")
+    if cuda:
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"device kernel time {kernels / 1e6:.3f} s = {kernels / 1e6 / meter.wall:.2f} of the wall time")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
 def start_sampling_bench(args, title: str, name: str):
     """Start ComfyUI over a fresh models folder and print the run's header; returns ``(env, models_dir)``."""
     import os
@@ -244,10 +279,12 @@ def start_sampling_bench(args, title: str, name: str):
     args.roundings = gpu_roundings(args)
     print(f"{title} — ComfyUI {env.version} ({env.describe()})")
     print(f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, fp32, "
+          f"{os.cpu_count()} CPUs, attention {comfy_attention.optimized_attention.__name__}, UNet "
+          f"{getattr(args, 'dtype', 'fp32')}, "
           f"{device_description(args)}")
     for why in args.roundings:
-        print(f"NOTE: beyond fp32 rounding: {why}; the 1e-4 guards only report (--exact makes them hold)")
+        print(f"NOTE: beyond fp32 rounding: {why}; the 1e-4 guards only report"
+              f"{'' if getattr(args, 'dtype', 'fp32') != 'fp32' else ' (--exact makes them hold)'}")
     return env, models_dir
 
 
@@ -262,8 +299,10 @@ def gpu_roundings(args) -> list[str]:
     import comfy.model_management as mm
     import torch
 
+    half = [] if getattr(args, "dtype", "fp32") == "fp32" else [
+        f"a {args.dtype} UNet (merged weights round W + ΔW to {args.dtype}; unmerged paths add the LoRA to the output)"]
     if args.device != "cuda":
-        return []
+        return half
     device = mm.get_torch_device()
     if args.exact:
         torch.backends.cudnn.allow_tf32 = False
@@ -271,8 +310,8 @@ def gpu_roundings(args) -> list[str]:
         if hasattr(mm, "LORA_COMPUTE_DTYPES"):  # core's per-device cache of its own choice
             for key in (device, torch.device("cuda", torch.cuda.current_device())):
                 mm.LORA_COMPUTE_DTYPES[key] = torch.float32
-        return []
-    why = []
+        return half
+    why = list(half)
     if torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32:
         why.append("TF32 convolutions/matmuls (PyTorch's cuDNN default)")
     if hasattr(mm, "lora_compute_dtype") and mm.lora_compute_dtype(device) != torch.float32:

@@ -4,9 +4,10 @@
 Usage::
 
     python bench/bench_composite.py [--quick] [--steps N] [--repeats N] [--k 2,3,5] [--no-memory] [--profile]
+                                    [--methods S,SB,CU,...] [--torch-profile] [--device cuda] [--dtype fp16]
 
-What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp32, on the CPU unless
-``--device cuda``; ``--timing steady``: see bench_common.add_timing_argument):
+What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp32 unless ``--dtype``, on the
+CPU unless ``--device cuda``; ``--timing steady``: see bench_common.add_timing_argument):
 
 * A mid-size SD1.5-shaped UNet (bench_apply.py's layout with model_channels 96: ≈ 81 M parameters;
   ``--quick``: model_channels 32, ≈ 10 M) and rank-16 kohya LoRA files (alpha 8) written by
@@ -25,6 +26,11 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp
           k×S is the "physical floor" of evaluating k LoRAs separately);
   CM / CU ``LoraSetComposite`` over k LoRAs, strategy merged (sequential passes with swapped weights) /
           unmerged (one batched forward with per-row routing);
+  SB      the batching floor (default on cuda, else only with ``--methods``): S's model with its positive and
+          negative conditioning each given k times, so that ComfyUI runs the 2k rows CU runs in one UNet call,
+          with no adapter work (the result equals S's). CU / SB is what the adapters add to a 2k-row call,
+          SB / (k × S) what one 2k-row call costs against k two-row calls; the rows each UNet call saw in the
+          warm-up run are printed for SB and CU;
   CH      core hook-group guider (comfyui-internals §4(c)): a ``CFGGuider`` subclass with cond sets
           p_j/n_j each tagged with LoRA j's ``comfy.hooks.create_hook_lora`` group; ``predict_noise``
           loops j: ``calc_cond_batch([p_j, n_j])`` → ``cfg_function``, averaged;
@@ -40,7 +46,10 @@ What is measured (one process, real ComfyUI from ``tests/harness/comfy_env``, fp
 
 * One warm-up round, then ``--repeats`` rounds (default 4); each round runs every method once, in a
   fixed order that is reversed on every other round (interleaved); medians are reported.
-  ``--autolora-only`` runs S and the AutoLoRA methods alone (no Composite).
+  ``--autolora-only`` runs S and the AutoLoRA methods alone (no Composite); ``--methods`` names the
+  methods to run (S always runs), e.g. ``S,SB,CU`` for the decomposition alone. ``--torch-profile`` traces
+  one warm run each of S, SB and CU (smallest k) with torch.profiler (on cuda: the device's kernel time
+  over the wall time, i.e. whether the run is host-bound).
   Correctness guards on the warm-up outputs (before any timing): CM vs CU, CM vs CH, AG vs AM and AGM vs AG
   within 1e-4 relative (max abs difference / max abs value), else a WARNING line; CR vs CH and AC vs AG
   are printed too.
@@ -89,7 +98,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
     fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
-    reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench, time_steady)
+    reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench, time_steady, trace_sampling,
+    unet_dtype)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -115,6 +125,7 @@ OVERHEAD = 1.2  # run time / bare UNet time (patching, wrappers, CFG, sampler), 
 CHILD_START_S = 30.0  # one memory child's start-up (imports, model, LoRA files), for the estimate
 
 COMPOSITE_METHODS = {  # key → label (run for every k)
+    "SB": "SB static, conds ×k (2k rows)",
     "CM": "CM LoraSetComposite merged",
     "CU": "CU LoraSetComposite unmerged",
     "CH": "CH core hook-group guider",
@@ -128,6 +139,7 @@ AUTOLORA_METHODS = {
     "AC": "AC core AutoLoRA guider",
 }
 S_LABEL = "S  static LoraSetApply (1 LoRA)"
+ALL_METHODS = ("S", *COMPOSITE_METHODS, *AUTOLORA_METHODS)
 
 
 def lora_name(index: int) -> str:
@@ -261,6 +273,7 @@ class Methods(SamplingMethods):
     def __init__(self, env, model, args, loras_dir: Path):
         super().__init__(env, model, args, loras_dir, sampler=SAMPLER, scheduler=SCHEDULER, seed=SEED)
         self.patching = env.engine("nodes.patching")
+        self.rows_seen: dict[tuple[str, int], list[int]] = {}  # (method, k) → rows of each UNet call, first run
 
     def warm_caches(self, names) -> None:
         for name in names:
@@ -277,6 +290,35 @@ class Methods(SamplingMethods):
     def static(self):
         (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(lora_names(1)))
         return self.sample_model(patched)
+
+    def static_batched(self, k: int):
+        """S's model with each conditioning given k times: ComfyUI batches the 2k rows into one UNet call (what CU
+        runs), with no adapter work; the averaged prediction equals S's."""
+        (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(lora_names(1)))
+        positive = [[t, dict(d)] for _ in range(k) for t, d in self.positive]
+        negative = [[t, dict(d)] for _ in range(k) for t, d in self.negative]
+        import comfy.sample
+
+        return lambda: comfy.sample.sample_custom(patched, self.noise, CFG, self.sampler, self.sigmas, positive,
+                                                  negative, self.latent, disable_pbar=True, seed=SEED)
+
+    def recording_rows(self, cfg: tuple[str, int], sample):
+        """``sample``, which on its first call records the rows of every UNet call it makes (in ``rows_seen``)."""
+        def run():
+            if cfg in self.rows_seen:
+                return sample()
+            seen = self.rows_seen[cfg] = []
+
+            def record(_module, args, kwargs):
+                x = args[0] if args else kwargs.get("x")
+                seen.append(int(x.shape[0]))
+
+            handle = self.model.model.diffusion_model.register_forward_pre_hook(record, with_kwargs=True)
+            try:
+                return sample()
+            finally:
+                handle.remove()
+        return run
 
     def composite(self, k: int, strategy: str):
         (m, _clip, _report) = call_node("LoraSetComposite", model=self.model, lora_set=self.lora_set(lora_names(k)),
@@ -317,10 +359,12 @@ class Methods(SamplingMethods):
         """Build a method's MODEL / GUIDER; returns its sampling call."""
         if method == "S":
             return self.static()
+        if method == "SB":
+            return self.recording_rows((method, k), self.static_batched(k))
         if method == "CM":
             return self.composite(k, "merged")
         if method == "CU":
-            return self.composite(k, "unmerged")
+            return self.recording_rows((method, k), self.composite(k, "unmerged"))
         if method == "CH":
             return self.hook_composite(k)
         if method == "CR":
@@ -376,9 +420,10 @@ def time_one_forward(model, methods: Methods, rows: int = 2) -> float:
     dm = model.model.diffusion_model
     dev = model.load_device
     side = methods.latent.shape[-1]
-    x = torch.randn(rows, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev)
+    dtype = model.model.get_dtype()  # what BaseModel.apply_model casts the inputs to (--dtype)
+    x = torch.randn(rows, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev, dtype)
     t = torch.full((rows,), 500.0, device=dev)
-    context = torch.cat([methods.positive[0][0], methods.negative[0][0]] * (rows // 2)).to(dev)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]] * (rows // 2)).to(dev, dtype)
     with torch.no_grad():
         dm(x, t, context=context)
         with RunMeter(methods.device) as meter:
@@ -393,13 +438,14 @@ MEMORY_JOBS = ("baseline", "S", "CM", "CU", "CH", "CR", "AM", "AU", "AG", "AGM",
 
 
 def memory_jobs(args) -> tuple[str, ...]:
-    return tuple(j for j in MEMORY_JOBS if not (args.autolora_only and j in COMPOSITE_METHODS))
+    return tuple(j for j in MEMORY_JOBS if j in ("baseline", "S") or j in args.methods)
 
 
 def child_main(args) -> None:
     """One method run in a fresh process (or only the setup, for ``baseline``); prints one JSON line."""
     env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
-    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args),
+                                   dtype=unet_dtype(args))
     methods = Methods(env, model, args, Path(args.models_dir) / "loras")
     methods.warm_caches(lora_names(args.mem_k))
     freeze_gc()
@@ -427,7 +473,8 @@ def child_env() -> dict:
 def child_command(args, method: str, models_dir: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--mem-k", str(args.mem_k),
            "--models-dir", str(models_dir), "--threads", "1", "--attention", args.attention,
-           "--steps", str(args.mem_steps), "--latent", str(args.latent), "--model-channels", str(args.model_channels)]
+           "--steps", str(args.mem_steps), "--latent", str(args.latent), "--model-channels", str(args.model_channels),
+           "--dtype", args.dtype]
     return cmd + (["--quick"] if args.quick else [])
 
 
@@ -528,6 +575,11 @@ def parse_args():
     p.add_argument("--mem-steps", type=int, default=2, help="sampler steps in the memory children (default 2)")
     p.add_argument("--autolora-only", action="store_true", help="S and the AutoLoRA methods only (no Composite)")
     p.add_argument("--profile", action="store_true", help="always cProfile (default: only methods that miss a target)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to run (S always runs): " + ",".join(ALL_METHODS)
+                        + " (default: all but SB; on cuda all)")
+    p.add_argument("--torch-profile", action="store_true",
+                   help="after the timings, trace one warm run each of S, SB and CU (smallest k) with torch.profiler")
     p.add_argument("--child", choices=MEMORY_JOBS, help=argparse.SUPPRESS)
     p.add_argument("--mem-k", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--models-dir", help=argparse.SUPPRESS)
@@ -536,7 +588,16 @@ def parse_args():
     args.steps = args.steps or STEPS[mode]
     args.repeats = args.repeats or REPEATS[mode]
     args.ks = tuple(int(v) for v in args.k.split(",")) if args.k else KS[mode]
-    if args.autolora_only:
+    if args.methods is None:
+        default = [m for m in ALL_METHODS if m != "SB" or args.device == "cuda"]
+        args.methods = [m for m in default if not (args.autolora_only and m in COMPOSITE_METHODS)]
+    else:
+        args.methods = [m.strip().upper() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in args.methods if m not in ALL_METHODS]
+        if unknown:
+            p.error(f"--methods: unknown {unknown}; choose from {','.join(ALL_METHODS)}")
+    args.methods = ["S"] + [m for m in ALL_METHODS if m in args.methods and m != "S"]
+    if args.autolora_only or not any(m in COMPOSITE_METHODS for m in args.methods):
         args.ks = ()
     if any(k < 2 for k in args.ks):
         p.error("--k values must be ≥ 2")
@@ -553,18 +614,20 @@ def parse_args():
     return args
 
 
-def forwards_per_round(steps: int, ks) -> int:
-    """UNet-call equivalents (2 rows each) of one round: S, 4 Composite methods × k, 4 AutoLoRA methods × 2."""
-    return steps * (1 + 4 * sum(ks) + 2 * len(AUTOLORA_METHODS))
+def forwards_per_round(args, steps: int, ks) -> int:
+    """UNet-call equivalents (2 rows each) of one round: S, each Composite method × k, each AutoLoRA method × 2."""
+    composite = sum(m in COMPOSITE_METHODS for m in args.methods)
+    autolora = sum(m in AUTOLORA_METHODS for m in args.methods)
+    return steps * (1 + composite * sum(ks) + 2 * autolora)
 
 
 def estimate_seconds(args, ks, fwd: float) -> float:
     """Rough wall time of the rest of the run from one bare UNet call's seconds (``fwd``)."""
     rounds = (0 if args.memory_only else args.repeats) + 1
-    total = rounds * forwards_per_round(args.steps, ks) * fwd * OVERHEAD
+    total = rounds * forwards_per_round(args, args.steps, ks) * fwd * OVERHEAD
     if not args.no_memory:
         total += (len(memory_jobs(args)) * CHILD_START_S / 2
-                  + forwards_per_round(args.mem_steps, [max(ks, default=0)]) * fwd * OVERHEAD)
+                  + forwards_per_round(args, args.mem_steps, [max(ks, default=0)]) * fwd * OVERHEAD)
     if not args.memory_only:  # the cProfile runs of a missed Composite target (merged + unmerged, smallest k)
         total += 2 * args.steps * min(ks, default=1) * fwd * OVERHEAD * 1.3
     return total
@@ -597,6 +660,8 @@ def check_outputs(args, outputs: dict, ks) -> None:
             print(f"WARNING: {cfg} produced non-finite values")
 
     def guard(name, a, b, what):
+        if a not in outputs or b not in outputs:
+            return
         d = relative_difference(outputs[a], outputs[b])
         verdict = guard_verdict(args, d, MATCH_REL)
         print(f"check {name}: rel. diff {d:.2e} (guard ≤ {MATCH_REL:g}) {verdict}")
@@ -604,7 +669,8 @@ def check_outputs(args, outputs: dict, ks) -> None:
             print(f"WARNING: {name} differ by {d:.2e} relative > {MATCH_REL:g}: {what}")
 
     def info(name, a, b, note=""):
-        print(f"info  {name}: rel. diff {relative_difference(outputs[a], outputs[b]):.2e}{note}")
+        if a in outputs and b in outputs:
+            print(f"info  {name}: rel. diff {relative_difference(outputs[a], outputs[b]):.2e}{note}")
 
     for k in ks:
         guard(f"k={k} Composite merged vs unmerged", ("CM", k), ("CU", k), "the two strategies do not compute the same")
@@ -612,6 +678,7 @@ def check_outputs(args, outputs: dict, ks) -> None:
               "the timings do not compare the same computation")
         info(f"k={k} re-patch guider vs hook-group guider", ("CR", k), ("CH", k))
         info(f"k={k} Composite vs S", ("CM", k), ("S", 0), " (must be large: Composite is not one LoRA)")
+        info(f"k={k} S with conds ×k vs S", ("SB", k), ("S", 0), " (the same prediction averaged k times: small)")
     guard("AutoLoraGuidance merged vs AutoLoraGuider (equal cfg)", ("AM", 0), ("AG", 0),
           "the model and guider forms disagree")
     guard("AutoLoraGuider unmerged vs merged", ("AG", 0), ("AGM", 0), "the guider's two strategies disagree")
@@ -640,43 +707,65 @@ def print_time_tables(args, times: dict) -> list[tuple[str, int]]:
         print()
         print(f"k = {k}: floor k×S = {floor:.3f} s")
         print(fmt_row(("method", "median", "min", "/ floor", "/ CH", "/ CR", "per LoRA"), widths))
-        ch, cr = med[("CH", k)], med[("CR", k)]
+        ch, cr = med.get(("CH", k)), med.get(("CR", k))
+
+        def over(v, ref):
+            return "—" if ref is None else f"{v / ref:.3f}"
+
         for m, label in COMPOSITE_METHODS.items():
+            if (m, k) not in med:
+                continue
             v = med[(m, k)]
-            print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, k)]):.3f}", f"{v / floor:.3f}", f"{v / ch:.3f}",
-                           f"{v / cr:.3f}", f"{v / k:.3f}"), widths))
-        best_m = min(("CM", "CU"), key=lambda m: med[(m, k)])
+            print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, k)]):.3f}", f"{v / floor:.3f}", over(v, ch),
+                           over(v, cr), f"{v / k:.3f}"), widths))
+        if ("SB", k) in med and ("CU", k) in med:
+            sb = med[("SB", k)]
+            print(f"  decomposition: CU / SB = {med[('CU', k)] / sb:.3f} (what the adapters add to a {2 * k}-row "
+                  f"call); SB / floor = {sb / floor:.3f} (one {2 * k}-row call against {k} two-row calls, no "
+                  "LoRA work)")
+        strategies = [m for m in ("CM", "CU") if (m, k) in med]
+        if not strategies:
+            continue
+        best_m = min(strategies, key=lambda m: med[(m, k)])
         best = med[(best_m, k)]
         ok_floor = best / floor <= TARGET_COMPOSITE_OVER_FLOOR
-        ok_ch, ok_cr = best / ch < TARGET_COMPOSITE_OVER_CORE, best / cr < TARGET_COMPOSITE_OVER_CORE
-        print(f"  best Composite = {best_m} ({'merged' if best_m == 'CM' else 'unmerged'}): "
-              f"/ floor = {best / floor:.3f} (target ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f}) "
-              f"{'OK' if ok_floor else 'MISSED'}; / CH = {best / ch:.3f} (< 1) {'OK' if ok_ch else 'MISSED'}; "
-              f"/ CR = {best / cr:.3f} (< 1) {'OK' if ok_cr else 'MISSED'}")
+        ok_ch = ch is None or best / ch < TARGET_COMPOSITE_OVER_CORE
+        ok_cr = cr is None or best / cr < TARGET_COMPOSITE_OVER_CORE
+        verdicts = [f"/ floor = {best / floor:.3f} (target ≤ {TARGET_COMPOSITE_OVER_FLOOR:.2f}) "
+                    f"{'OK' if ok_floor else 'MISSED'}"]
+        verdicts += [] if ch is None else [f"/ CH = {best / ch:.3f} (< 1) {'OK' if ok_ch else 'MISSED'}"]
+        verdicts += [] if cr is None else [f"/ CR = {best / cr:.3f} (< 1) {'OK' if ok_cr else 'MISSED'}"]
+        print(f"  best Composite = {best_m} ({'merged' if best_m == 'CM' else 'unmerged'}): " + "; ".join(verdicts))
         if not (ok_floor and ok_ch and ok_cr):
-            missed += [("CM", k), ("CU", k)]
+            missed += [(m, k) for m in strategies]
 
+    if not any(m in AUTOLORA_METHODS for m in args.methods):
+        return missed
     print()
     print(f"AutoLoRA (γ = {GAMMA:g}, 1 LoRA) vs plain LoRA sampling S = {s:.3f} s; targets: AutoLoraGuidance ≤ "
           f"{TARGET_AUTOLORA_MODEL:.2f} × S, AutoLoraGuider ≤ {TARGET_AUTOLORA_GUIDER:.2f} × S")
     aw = (31, 8, 8, 8, 9, 9, 8)
     print(fmt_row(("method", "median", "min", "/ S", "target", "verdict", "/ AC"), aw))
-    ac = med[("AC", 0)]
+    ac = med.get(("AC", 0))
     for m, label in AUTOLORA_METHODS.items():
+        if (m, 0) not in med:
+            continue
         v = med[(m, 0)]
         target = {"AM": TARGET_AUTOLORA_MODEL, "AU": TARGET_AUTOLORA_MODEL, "AG": TARGET_AUTOLORA_GUIDER,
                   "AGM": TARGET_AUTOLORA_GUIDER}.get(m)
         verdict = "" if target is None else ("OK" if v / s <= target else "MISSED")
         print(fmt_row((label, f"{v:.3f}", f"{min(times[(m, 0)]):.3f}", f"{v / s:.3f}",
-                       f"≤ {target:.2f}" if target else "(core)", verdict, f"{v / ac:.3f}"), aw))
-    best_am = min(("AM", "AU"), key=lambda m: med[(m, 0)])
-    if med[(best_am, 0)] / s > TARGET_AUTOLORA_MODEL:
-        missed.append((best_am, 0))
-    best_ag = min(("AG", "AGM"), key=lambda m: med[(m, 0)])
-    if med[(best_ag, 0)] / s > TARGET_AUTOLORA_GUIDER:
-        missed.append((best_ag, 0))
-    print(f"  AutoLoraGuidance target judged on the faster strategy ({best_am}): "
-          f"{med[(best_am, 0)] / s:.3f} × S; AutoLoraGuider on {best_ag}: {med[(best_ag, 0)] / s:.3f} × S")
+                       f"≤ {target:.2f}" if target else "(core)", verdict, "—" if ac is None else f"{v / ac:.3f}"),
+                      aw))
+    for form, pair, target in (("AutoLoraGuidance", ("AM", "AU"), TARGET_AUTOLORA_MODEL),
+                               ("AutoLoraGuider", ("AG", "AGM"), TARGET_AUTOLORA_GUIDER)):
+        ran = [m for m in pair if (m, 0) in med]
+        if not ran:
+            continue
+        best = min(ran, key=lambda m: med[(m, 0)])
+        if med[(best, 0)] / s > target:
+            missed.append((best, 0))
+        print(f"  {form} target judged on the faster strategy run ({best}): {med[(best, 0)] / s:.3f} × S")
 
     return missed
 
@@ -705,18 +794,20 @@ def main() -> None:
 
     t_start = time.perf_counter()
     env, models_dir = start_sampling_bench(args, "LoRA Composite / AutoLoRA benchmark", "composite")
-    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args))
+    model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args),
+                                   dtype=unet_dtype(args))
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
     n_loras = max(args.ks, default=1)
     targets = write_loras(model_sd, models_dir / "loras", n_loras)
     target_params = sum(model_sd[k].numel() for k in targets)
-    largest_layer = max(model_sd[k].numel() for k in targets) * 4
+    itemsize = unet_dtype(args).itemsize
+    largest_layer = max(model_sd[k].numel() for k in targets) * itemsize
     del model_sd
     lora_bytes = (models_dir / "loras" / lora_name(0)).stat().st_size
     print(f"model: SD1.5-shaped UNet, model_channels {args.model_channels}, {n_params / 1e6:.1f} M parameters; "
           f"LoRA targets: {len(targets)} layers ({target_params / 1e6:.1f} M parameters = "
-          f"{target_params * 4 / 2**20:.0f} MiB fp32 per patched copy; largest layer {largest_layer / 2**20:.1f} MiB)")
+          f"{target_params * itemsize / 2**20:.0f} MiB {args.dtype} per patched copy; largest layer {largest_layer / 2**20:.1f} MiB)")
     print(f"LoRAs: {n_loras} kohya files, rank {RANK}, alpha {ALPHA:g}, {lora_bytes / 2**20:.1f} MiB each "
           f"(attention q/k/v/out, proj_in/out, ff)")
     print(f"sampling: {SAMPLER}/{SCHEDULER}, {args.steps} steps, batch 1, latent {args.latent}×{args.latent} "
@@ -727,8 +818,9 @@ def main() -> None:
     methods.warm_caches(lora_names(n_loras))
     fwd = time_one_forward(model, methods)
     fit_k_list(args, fwd, time.perf_counter() - t_start)
-    configs = [("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS] + [(m, 0) for m in AUTOLORA_METHODS]
-    forwards = forwards_per_round(args.steps, args.ks)
+    configs = ([("S", 0)] + [(m, k) for k in args.ks for m in COMPOSITE_METHODS if m in args.methods]
+               + [(m, 0) for m in AUTOLORA_METHODS if m in args.methods])
+    forwards = forwards_per_round(args, args.steps, args.ks)
     eta = estimate_seconds(args, args.ks, fwd)
     print(f"one bare UNet call (2 rows) took {fwd:.2f} s; {len(configs)} runs per round ≈ {forwards} UNet-call "
           f"equivalents; {0 if args.memory_only else args.repeats} timed rounds + 1 warm-up"
@@ -741,6 +833,15 @@ def main() -> None:
     else:
         log = time_fresh(methods, configs, args, t_start)
     times, cuda_peaks = log.times, log.cuda_peaks
+    for (m, k), rows in sorted(methods.rows_seen.items()):
+        counts = ", ".join(f"{rows.count(n)} × {n}" for n in sorted(set(rows), reverse=True))
+        print(f"rows per UNet call, {m} k={k} (warm-up run): {counts or 'no call'}"
+              + ("" if set(rows) == {2 * k} else f"  NOTE: not one {2 * k}-row call per step (split for memory?)"))
+    if args.torch_profile:
+        k0 = min(args.ks, default=0)
+        for m, k in (("S", 0), ("SB", k0), ("CU", k0)):
+            if m in args.methods and (k or m == "S"):
+                trace_sampling(methods, methods.prepare(m, k), f"{COMPOSITE_METHODS.get(m, S_LABEL)} k={k}")
     methods.mm.unload_all_models()
 
     memory = {} if args.no_memory else measure_memory(args, models_dir)
@@ -748,7 +849,7 @@ def main() -> None:
     missed = [] if args.memory_only else print_time_tables(args, times)
     if memory:
         s_mem = memory["S"]
-        one_copy = target_params * 4
+        one_copy = target_params * itemsize
         k = args.mem_k
         bound_comp = s_mem + k * lora_bytes + largest_layer
         bound_auto = s_mem + lora_bytes + largest_layer
@@ -778,10 +879,11 @@ def main() -> None:
     print()
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     missed_ks = [k for m, k in missed if m in COMPOSITE_METHODS]
-    to_profile = [(m, min(missed_ks)) for m in ("CM", "CU")] if missed_ks else []  # smallest k: same overheads
+    to_profile = [(m, min(missed_ks)) for m in ("CM", "CU") if m in args.methods] if missed_ks else []  # smallest k
     to_profile += [(m, k) for m, k in missed if m not in COMPOSITE_METHODS]
     if args.profile and not to_profile:
-        to_profile = [(m, max(args.ks)) for m in ("CM", "CU") if args.ks] + [("AM", 0), ("AG", 0)]
+        to_profile = [(m, max(args.ks)) for m in ("CM", "CU") if args.ks and m in args.methods]
+        to_profile += [(m, 0) for m in ("AM", "AG") if m in args.methods]
     if to_profile:
         print("profiling: " + ", ".join(f"{m} k={k}" if k else m for m, k in to_profile)
               + (" (missed a target)" if missed else ""))

@@ -84,9 +84,10 @@ def unet_call_seconds(model, args, clock_device: str) -> float:
     dm = model.model.diffusion_model
     dev = model.load_device
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, args.latent, args.latent, generator=g).to(dev)
+    dtype = model.model.get_dtype()  # what BaseModel.apply_model casts the inputs to (--dtype)
+    x = torch.randn(2, 4, args.latent, args.latent, generator=g).to(dev, dtype)
     t = torch.full((2,), 500.0, device=dev)
-    context = torch.randn(2, 77, SD15_LAYOUT["context_dim"], generator=g).to(dev)
+    context = torch.randn(2, 77, SD15_LAYOUT["context_dim"], generator=g).to(dev, dtype)
     walls = []
     with torch.no_grad():
         for _ in range(4):

@@ -78,7 +78,7 @@ from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
     fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
     reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
-    time_steady)
+    time_steady, trace_sampling, unet_dtype)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -130,9 +130,9 @@ def build_model(args):
         unet_extra_config = {"num_heads": -1, "num_head_channels": HEAD_CHANNELS}
 
     config = dict(tiny_models.SD15_TINY, **SD15_LAYOUT)
-    config.update(model_channels=args.model_channels, dtype=torch.float32)
+    config.update(model_channels=args.model_channels, dtype=unet_dtype(args))
     model_config = SD15Bench(config)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(unet_dtype(args), None)
     model = model_config.get_model({}, device=torch.device("cpu"))
     tiny_models.init_weights_(model.diffusion_model, 0)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
@@ -343,9 +343,10 @@ def count_flops(model, methods: Methods, targets: list[str]):
     dm = model.model.diffusion_model
     dev = model.load_device
     side = methods.latent.shape[-1]
-    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev)
+    dtype = model.model.get_dtype()  # what BaseModel.apply_model casts the inputs to (--dtype)
+    x = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(3)).to(dev, dtype)
     t = torch.full((2,), 500.0, device=dev)
-    context = torch.cat([methods.positive[0][0], methods.negative[0][0]]).to(dev)
+    context = torch.cat([methods.positive[0][0], methods.negative[0][0]]).to(dev, dtype)
     layers: dict[str, tuple[int, int, int]] = {}
     handles = []
     for key in targets:
@@ -485,25 +486,9 @@ def profile_switch(methods: Methods, rank: int) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 def trace_methods(methods: Methods, args, rank: int) -> None:
-    """torch.profiler over one warm run of A, B and E: the top operators by host (self CPU) time and, on cuda, by
-    device time, and how busy the device was (its kernel time over the run's wall time)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    sort_device = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    """torch.profiler over one warm run of A, B and E (``bench_common.trace_sampling``)."""
     for m in (m for m in "ABE" if m in args.methods):
-        sample = methods.prepare(m, rank)
-        methods.timed(sample)  # warm
-        with profile(activities=activities) as prof:
-            (wall, _cpu), _out = methods.timed(sample)
-        events = prof.key_averages()
-        print(f"\n=== torch.profiler, one warm run of {METHODS[m]} (rank {rank}): wall {wall:.3f} s ===")
-        if args.device == "cuda":
-            kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-            print(f"device kernel time {kernels / 1e6:.3f} s = {kernels / 1e6 / wall:.2f} of the wall time")
-            print(events.table(sort_by=sort_device, row_limit=15, max_name_column_width=60))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        trace_sampling(methods, methods.prepare(m, rank), f"{METHODS[m]} (rank {rank})")
 
 
 def parse_args():
