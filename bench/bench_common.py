@@ -263,6 +263,37 @@ def trace_sampling(methods: "SamplingMethods", sample, title: str) -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
+def profile_one_run(methods: "SamplingMethods", run, title: str, points):
+    """One call of ``run`` (a whole method run, model unloaded first) under cProfile: prints the cumulative time of
+    each of ``points`` (``(label, file suffix, function name)``; of same-named functions in one file, the outermost)
+    and returns the stats for the caller's own tables."""
+    import cProfile
+    import os
+    import pstats
+    import time
+
+    methods.mm.unload_all_models()
+    gc.collect()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    run()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof)
+    print(f"\n=== cProfile of one {title} run: {wall:.2f} s under the profiler ===")
+    print("where the time goes (cumulative seconds, calls):")
+    for label, suffix, func in points:
+        hits = [(v[3], v[1]) for (path, _line, name), v in stats.stats.items()
+                if name == func and path.replace(os.sep, "/").endswith(suffix)]
+        if hits:
+            ct, calls = max(hits)
+            print(f"  {label:<50} {ct:8.3f} s  {calls:6d} calls  ({100 * ct / wall:5.1f} %)")
+        else:
+            print(f"  {label:<50}      n/a")
+    return stats
+
+
 def start_sampling_bench(args, title: str, name: str):
     """Start ComfyUI over a fresh models folder and print the run's header; returns ``(env, models_dir)``."""
     import os

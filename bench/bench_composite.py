@@ -79,11 +79,9 @@ Attention: ``--attention pytorch`` (default) makes ComfyUI use torch SDPA, as on
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import json
 import os
-import pstats
 import resource
 import statistics
 import subprocess
@@ -97,9 +95,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
-    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
-    reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench, time_steady, trace_sampling,
-    unet_dtype)
+    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, profile_one_run,
+    relative_difference, reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
+    time_steady, trace_sampling, unet_dtype)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -525,24 +523,7 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
 
 
 def profile_run(methods: Methods, method: str, k: int, label: str) -> None:
-    methods.mm.unload_all_models()
-    gc.collect()
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    methods.run(method, k)
-    prof.disable()
-    wall = time.perf_counter() - t0
-    stats = pstats.Stats(prof)
-    print(f"\n=== cProfile of one {label} run (k = {k}): {wall:.2f} s under the profiler ===")
-    print("where the time goes (cumulative seconds, calls):")
-    for name, suffix, func in PROFILE_POINTS:
-        hits = [(v[3], v[1]) for (path, _line, fname), v in stats.stats.items()
-                if fname == func and path.replace(os.sep, "/").endswith(suffix)]
-        if hits:
-            ct = max(h[0] for h in hits)  # one definition per file (max guards against recursion double counts)
-            calls = sum(h[1] for h in hits)
-            print(f"  {name:<50} {ct:8.3f} s  {calls:6d} calls  ({100 * ct / wall:5.1f} %)")
+    stats = profile_one_run(methods, lambda: methods.run(method, k), f"{label} (k = {k})", PROFILE_POINTS)
     print("top 20 by cumulative time:")
     stats.sort_stats("cumulative").print_stats(20)
 

@@ -57,12 +57,9 @@ attention, about 2× slower here). torch runs on ``--threads`` CPU threads (defa
 from __future__ import annotations
 
 import argparse
-import cProfile
-import gc
 import json
 import math
 import os
-import pstats
 import resource
 import statistics
 import subprocess
@@ -76,9 +73,9 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
     SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
-    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, relative_difference,
-    reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
-    time_steady, trace_sampling, unet_dtype)
+    fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, profile_one_run,
+    relative_difference, reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process,
+    start_sampling_bench, time_steady, trace_sampling, unet_dtype)
 from harness import comfy_env, lora_factory, tiny_models  # noqa: E402
 from harness.node_calls import call_node  # noqa: E402
 
@@ -456,25 +453,8 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
 
 
 def profile_switch(methods: Methods, rank: int) -> None:
-    methods.mm.unload_all_models()
-    gc.collect()
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    methods.run("B", rank)
-    prof.disable()
-    wall = time.perf_counter() - t0
-    stats = pstats.Stats(prof)
-    print(f"\n=== cProfile of one B run (LoraSetSwitch merged, rank {rank}): {wall:.2f} s under the profiler ===")
-    print("where the time goes (cumulative seconds, calls):")
-    for label, suffix, func in PROFILE_POINTS:
-        hits = [(v[3], v[1]) for (path, _line, name), v in stats.stats.items()
-                if name == func and path.replace(os.sep, "/").endswith(suffix)]
-        if hits:
-            ct, calls = max(hits)  # several same-named functions in one file (e.g. _forward): the outermost
-            print(f"  {label:<50} {ct:8.3f} s  {calls:5d} calls  ({100 * ct / wall:5.1f} %)")
-        else:
-            print(f"  {label:<50}      n/a")
+    stats = profile_one_run(methods, lambda: methods.run("B", rank), f"B (LoraSetSwitch merged, rank {rank})",
+                            PROFILE_POINTS)
     print("\nthe pack's functions, top 20 by cumulative time:")
     stats.sort_stats("cumulative").print_stats(r"/nodes/|/kernels/", 20)
     print("top 25 by cumulative time:")
