@@ -62,6 +62,10 @@ def _is_finite(t: torch.Tensor) -> bool:
     Inf − Inf = NaN), whatever the reduction order, so a finite sum proves every element finite.
     A non-finite sum (or an overflow of huge finite values) falls back to the exact check.
     """
+    if t.dtype not in _SUM_CHECKED_DTYPES:
+        # fp8 and other narrow floats (LoRA files saved in float8_e4m3fn exist) have no isfinite / sum kernels on
+        # every build; the cast to float32 is exact and keeps NaN and ±Inf.
+        t = t.to(torch.float32)
     if t.dtype in _SUM_CHECKED_DTYPES:
         acc = torch.float64 if t.dtype == torch.float64 else torch.float32
         if math.isfinite(t.sum(dtype=acc).item()):  # a float32/64 scalar is exact as a Python float

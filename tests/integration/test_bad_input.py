@@ -84,6 +84,20 @@ def test_nan_tensors(env, model, untouched):
         call_node("LoraSetLoad", lora_name="has_nan.safetensors", strength_model=1.0, strength_clip=1.0)
 
 
+def test_nan_in_an_fp8_file(env, model, untouched):
+    """fp8 tensors have no isfinite kernel on every build: the check upcasts them (exact) and still names the file."""
+    sd = model.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=4)
+    lora.tensors = {k: v if k.endswith(".alpha") else v.to(torch.float8_e4m3fn) for k, v in lora.tensors.items()}
+    first = next(k for k in lora.tensors if not k.endswith(".alpha"))
+    lora.tensors[first] = lora.tensors[first].float()
+    lora.tensors[first][0] = float("nan")
+    lora.tensors[first] = lora.tensors[first].to(torch.float8_e4m3fn)
+    lora.save(_loras(env) / "fp8_has_nan.safetensors")
+    with pytest.raises(ValueError, match=r"fp8_has_nan\.safetensors: 1 tensor\(s\) contain NaN or Inf"):
+        call_node("LoraSetLoad", lora_name="fp8_has_nan.safetensors", strength_model=1.0, strength_clip=1.0)
+
+
 def test_empty_file(env, model, untouched):
     save_file({}, str(_loras(env) / "empty.safetensors"))
     with pytest.raises(ValueError, match="holds no tensors"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from harness import lora_factory as lf
-from harness.node_calls import call_node
+from harness.node_calls import call_node, load_set
+from harness.sampling import cat_conds, run_custom, sigmas_for
 from harness.tiny_models import build_sd15_clip, build_unet, patched_weights, weights_snapshot
 
 RTOL = 1e-5
@@ -141,6 +142,40 @@ def test_glora_and_oft_load_and_equal_core(env, sd15):
     a, b = patched_weights(ours), patched_weights(core)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sum(not torch.equal(a[k], sd[k]) for k in targets) == len(targets)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_lora_file_equals_core_and_runs_unmerged(env, sd15, dtype):
+    """LoRA files saved in fp8 (some trainers and converters write float8 factors): the loader's NaN check had no
+    fp8 kernel and every such file failed to load (NotImplementedError). Now: LoraSetApply = core's LoraLoader bit
+    for bit, and the unmerged runtime (factors upcast once) = the merged strategy within fp32's 1e-5."""
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+
+    fp8 = getattr(torch, dtype, None)
+    if fp8 is None:
+        pytest.skip(f"this torch has no {dtype}")
+    sd = sd15.model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd, kinds=("attn", "proj")), "kohya", rank=4, alpha=2.0, seed=17)
+    lora.tensors = {k: v if k.endswith(".alpha") else (v * 4).to(fp8) for k, v in lora.tensors.items()}
+    name = f"fp8_{dtype}.safetensors"
+    path = env.models_dir / "loras" / name
+    lora.save(path)
+    ours, _, report = apply_file(env, path, sd15)
+    assert "0 unmatched" in report, report
+    core, _ = comfy.sd.load_lora_for_models(sd15, None, comfy.utils.load_torch_file(str(path), safe_load=True), 1.0, 0)
+    a, b = patched_weights(ours), patched_weights(core)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pos, neg = cat_conds()
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    outs = {}
+    for strategy in ("merged", "unmerged"):
+        (m, _clip, _report) = call_node("LoraSetComposite", model=sd15, lora_set=load_set([name]), strategy=strategy)
+        outs[strategy] = run_custom(m, "euler", sigmas_for(sd15, 3), pos, neg, noise, latent)
+    diff = (outs["unmerged"] - outs["merged"]).abs().max().item()
+    assert diff <= RTOL * outs["merged"].abs().max().item(), diff
 
 
 def test_lcm_lora_style_file(env, sd15):
