@@ -230,6 +230,14 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     return result
 
 
+def linear_like(module: torch.nn.Module) -> bool:
+    """A linear layer: ``torch.nn.Linear``, or a module that computes like one without subclassing it (ComfyUI 0.9.x's
+    quantized Linear of ``mixed_precision_ops`` — fp8 scaled / nvfp4 checkpoints — is a plain ``Module`` with
+    ``in_features`` / ``out_features``)."""
+    return isinstance(module, torch.nn.Linear) or all(
+        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
+
+
 def state_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     """Every state-dict key of ``module`` with the shape its layer computes with: a parameter's own shape where it
     has one. Quantized storage can differ in its state-dict entry — GGUF's packed blocks (a ``GGMLTensor`` reports its

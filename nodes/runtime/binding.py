@@ -29,7 +29,7 @@ import torch
 
 from . import batching
 from .inplace_swap import InPlaceSwapper, backup_bytes, in_place_obstacle
-from .layers import build_layer_plans
+from .layers import build_layer_plans, unmerged_obstacle
 from .lowrank_terms import LowRankTerms
 from .merged_swap import MergedSwapper, held_bytes, merge_obstacle
 from .step_tracker import StepTracker, probe_steps
@@ -157,10 +157,19 @@ class AdapterRuntime:
         sampling run's own needs (``merged_copy_fits``): then it swaps in place, the originals in host memory
         (``merged-lowvram``, ``in_place_fits``), and where that cannot be either, runs the hooks: better their few
         extra FLOPs than out of memory.
+
+        The other way round, layers no hook can run (``unmerged_obstacle``: a 3-D or grouped conv, a parameter that
+        is no layer's weight or bias) make an unmerged choice merge instead; where neither can run, a clear error.
         """
         strategy = self.chosen_strategy()
         if strategy not in MERGED:
-            return strategy
+            obstacle = self._obstacle("unmerged", base_model)
+            if obstacle is None:
+                return strategy
+            (log.warning if self.strategy == "unmerged" else log.info)(
+                "[LoRA Composer] %s: the hooks cannot run these LoRAs on %s; merging them into the weights instead.",
+                self.key, obstacle)
+            strategy = "merged"
         reason = None
         if id(base_model) in _SWAPPING:
             reason = f"stacked on another LoRA Composer node that swaps merged weights ({_SWAPPING[id(base_model)]})"
@@ -171,6 +180,7 @@ class AdapterRuntime:
             obstacle = self._obstacle("merge", base_model)
             reason = None if obstacle is None else f"cannot merge into these weights: {obstacle}"
         if reason is not None:
+            self._refuse_if_hooks_cannot_run(base_model, reason)
             # asked for by name: a warning; auto's choice: said, as every fallback of auto is
             (log.warning if self.strategy in MERGED else log.info)(
                 "[LoRA Composer] %s: %s; running unmerged (LoRAs added to the layers' outputs).", self.key, reason)
@@ -178,6 +188,8 @@ class AdapterRuntime:
         if strategy == "merged-lowvram":
             obstacle = self._obstacle("in place", base_model)
             if obstacle is not None:
+                if self._obstacle("unmerged", base_model) is not None:
+                    return "merged"  # the copy form: it writes no weight in place
                 log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
                             obstacle)
                 return "unmerged"
@@ -192,18 +204,27 @@ class AdapterRuntime:
                     log.info("[LoRA Composer] %s: %s; swapping the LoRAs into the weights in place instead (their "
                              "originals in host memory).", self.key, why)
                     return "merged-lowvram"
+                if self._obstacle("unmerged", base_model) is not None:
+                    return strategy  # nothing else can run these LoRAs: try the copy
                 log.info("[LoRA Composer] %s: %s, and not in place either (%s); running unmerged (LoRAs as adapters, "
                          "no weight copy).", self.key, why, why_not)
                 return "unmerged"
         return strategy
 
+    def _refuse_if_hooks_cannot_run(self, base_model, why_not_merged: str) -> None:
+        obstacle = self._obstacle("unmerged", base_model)
+        if obstacle is not None:
+            raise ValueError(f"{self.key}: these LoRAs can neither be merged into the weights ({why_not_merged}) nor "
+                             f"run as adapters (the hooks cannot run {obstacle}).")
+
     def _obstacle(self, kind: str, base_model) -> str | None:
-        """``merge_obstacle`` ("merge") or ``in_place_obstacle`` ("in place") of the options on this model, worked
-        out at its first run and kept (a model's layers keep the form they were loaded in; the check resolves every
-        LoRA'd layer, a few ms per run)."""
+        """``merge_obstacle`` ("merge"), ``in_place_obstacle`` ("in place") or ``unmerged_obstacle`` ("unmerged") of
+        the options on this model, worked out at its first run and kept (a model's layers keep the form they were
+        loaded in; the check resolves every LoRA'd layer, a few ms per run)."""
         found = self._obstacles.setdefault(base_model, {})
         if kind not in found:
-            found[kind] = (merge_obstacle if kind == "merge" else in_place_obstacle)(base_model, self.options)
+            check = {"merge": merge_obstacle, "in place": in_place_obstacle, "unmerged": unmerged_obstacle}[kind]
+            found[kind] = check(base_model, self.options)
         return found[kind]
 
     def merged_copy_bytes(self, base_model) -> int:

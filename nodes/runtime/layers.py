@@ -5,6 +5,11 @@ OFT, offsets, full diffs) becomes an exact dense ΔW computed once with ComfyUI'
 ``calculate_weight`` at the entry's strength (``kernels.dense``). Dense deltas are linear in the row
 weight: exact for row weights 0/1 (routing), a linear blend otherwise — DoRA is not linear in its
 strength, so for DoRA only 0/1 routing reproduces core exactly.
+
+Norm layers (LayerNorm, GroupNorm) patched by LyCORIS ``w_norm`` / ``b_norm`` files (ComfyUI loads them as ``diff``
+patches of the affine weight and bias) run exactly too: out = n(x)·w + b, so a Δw adds n(x)·Δw (the hook
+re-normalises x once) and a Δb adds Δb. Layers no hook can run (3-D or grouped convs, parameters other than a
+weight or bias) are named by :func:`unmerged_obstacle`; the binding then merges instead.
 """
 from __future__ import annotations
 
@@ -13,15 +18,76 @@ from dataclasses import dataclass, field
 import comfy.lora
 import comfy.utils
 import torch
+import torch.nn.functional as F
 
 from ...kernels.lowrank import ConvSpec, LowRankAdapter
-from ..patching import delta_base
+from ..patching import delta_base, linear_like
 
 DENSE_BUDGET_BYTES = 2 * 1024**3  # refuse to build more dense deltas than this (clear error, not OOM)
 
 
 class DenseBudgetError(MemoryError):
     pass
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A LayerNorm's or GroupNorm's normalisation, n(x), without its affine weight and bias."""
+
+    kind: str  # "layer" | "group"
+    shape: tuple[int, ...]  # layer: normalized_shape; group: (channels,)
+    groups: int
+    eps: float
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, self.shape, None, None, self.eps)
+        return F.group_norm(x, self.groups, None, None, self.eps)
+
+    def per_row(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``[rows, *shape]`` per-row weight or bias values, shaped to broadcast against the layer's output."""
+        rows = values.shape[0]
+        if self.kind == "layer":  # the normalised dims are the last ones
+            return values.reshape(rows, *([1] * (ndim - 1 - len(self.shape))), *self.shape)
+        return values.reshape(rows, -1, *([1] * (ndim - 2)))  # channels first
+
+
+def norm_spec(module: torch.nn.Module) -> NormSpec | None:
+    if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+        return NormSpec("layer", tuple(module.normalized_shape), 1, float(module.eps))
+    if isinstance(module, torch.nn.GroupNorm) and module.affine:
+        return NormSpec("group", (int(module.num_channels),), int(module.num_groups), float(module.eps))
+    return None
+
+
+def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[tuple]]]) -> str | None:
+    """Why the hooks cannot run these options' patches on this model (the first such layer), or None.
+
+    The hooks add a layer's delta to its output, which they can for linear layers (also other packs' layers with a
+    2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / GroupNorm; a 1-D / 3-D / transposed or grouped
+    conv, an embedding, another norm, or a parameter that is no layer's weight or bias (SD3's ``pos_embed``) has no
+    such path here — merging them is exact (core's own math)."""
+    keys = sorted({k for opt in options for k in opt})
+    for key in keys:
+        module_path, _, param = key.rpartition(".")
+        module = comfy.utils.get_attr(base_model, module_path) if module_path else base_model
+        kind = type(module).__name__
+        if param not in ("weight", "bias"):
+            return f"{key} (a {kind}'s {param!r}, not a layer weight or bias)"
+        if norm_spec(module) is not None:
+            continue
+        if isinstance(module, torch.nn.Conv2d):
+            if module.groups == 1 and module.padding_mode == "zeros":
+                continue
+            return f"{key} (a Conv2d with groups {module.groups}, padding mode {module.padding_mode!r})"
+        if isinstance(module, (torch.nn.modules.conv._ConvNd, torch.nn.Embedding)):  # Conv1d / 3d, transposed
+            return f"{key} (a {kind})"
+        weight = getattr(module, "weight", None)
+        # other packs' layers with a 2-D weight (their quantized Linears) compute as linear layers
+        if linear_like(module) or (isinstance(weight, torch.Tensor) and len(weight.shape) == 2):
+            continue
+        return f"{key} (a {kind})"
+    return None
 
 
 @dataclass
@@ -35,11 +101,18 @@ class LayerPlan:
     dense: list[torch.Tensor] = field(default_factory=list)
     bias_columns: list[int] = field(default_factory=list)
     bias: list[torch.Tensor] = field(default_factory=list)
+    norm: NormSpec | None = None  # a LayerNorm / GroupNorm: dense deltas scale n(x), not x
 
     def copy(self) -> "LayerPlan":
         """A copy with its own lists (the tensors are shared; they stay on the CPU between runs)."""
         return LayerPlan(self.key, self.module_path, self.conv, list(self.lowrank_columns), list(self.lowrank),
-                         list(self.dense_columns), list(self.dense), list(self.bias_columns), list(self.bias))
+                         list(self.dense_columns), list(self.dense), list(self.bias_columns), list(self.bias),
+                         self.norm)
+
+    @property
+    def channels_first(self) -> bool:
+        """Whether the layer's output channels are dim 1 (conv, GroupNorm) rather than the last dim."""
+        return self.conv is not None or (self.norm is not None and self.norm.kind == "group")
 
 
 def conv_spec(module: torch.nn.Module) -> ConvSpec | None:
@@ -92,7 +165,8 @@ def build_layer_plans(base_model, options: list[dict[str, list[tuple]]]) -> list
         module_path, _, param = key.rpartition(".")
         module = comfy.utils.get_attr(base_model, module_path)
         weight = module.weight
-        plan = LayerPlan(key=key, module_path=module_path, conv=conv_spec(module))
+        norm = norm_spec(module)
+        plan = LayerPlan(key=key, module_path=module_path, conv=None if norm else conv_spec(module), norm=norm)
         for column, option in enumerate(options):
             patch_list = option.get(key)
             if not patch_list:
@@ -101,7 +175,7 @@ def build_layer_plans(base_model, options: list[dict[str, list[tuple]]]) -> list
                 plan.bias_columns.append(column)
                 plan.bias.append(exact_dense_delta(base_model, key, patch_list))
                 continue
-            factors = as_lowrank(patch_list[0], weight) if len(patch_list) == 1 else None
+            factors = as_lowrank(patch_list[0], weight) if len(patch_list) == 1 and norm is None else None
             if factors is not None:
                 plan.lowrank_columns.append(column)
                 plan.lowrank.append(factors)

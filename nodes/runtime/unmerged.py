@@ -123,6 +123,16 @@ class UnmergedAdapters:
         def bias_offsets(dtype, device):  # [options, out]
             return torch.stack([t.reshape(-1) for t in plan.bias]).to(device=device, dtype=dtype)
 
+        def norm_scales(dtype, device):  # [options, *normalized shape]: the Δw of a LayerNorm / GroupNorm
+            return torch.stack(plan.dense).to(device=device, dtype=dtype)
+
+        def per_row(values, ndim):  # [rows, channels…] → broadcastable against the output
+            if plan.norm is not None:
+                return plan.norm.per_row(values, ndim)
+            rows = values.shape[0]
+            return values.reshape((rows, -1, *([1] * (ndim - 2))) if plan.channels_first
+                                  else (rows, *([1] * (ndim - 2)), -1))
+
         @_not_traced
         def add_adapters(module, inputs, output):
             x = inputs[0]
@@ -138,7 +148,13 @@ class UnmergedAdapters:
                     else:
                         delta = torch.zeros(output.shape, dtype=x.dtype, device=x.device)
                         target += self._add_routed(factors, x, delta, segments).float()
-            if plan.dense:
+            if plan.dense and plan.norm is not None:  # out = n(x)·w + b: a Δw adds n(x)·Δw
+                w = self.routing.on_device(rows, plan.dense_columns, x.dtype, x.device)
+                if w is not None:
+                    scales = ready("norm", x.dtype, x.device, norm_scales)
+                    per_row_scale = (w @ scales.reshape(scales.shape[0], -1)).reshape(rows, *scales.shape[1:])
+                    target += (plan.norm.normalize(x) * per_row(per_row_scale, output.ndim)).to(target.dtype)
+            elif plan.dense:
                 w = self.routing.used_rows(rows, plan.dense_columns)
                 if w is not None:
                     deltas = ready("dense", x.dtype, x.device, dense_deltas)
@@ -146,9 +162,8 @@ class UnmergedAdapters:
             if plan.bias:
                 w = self.routing.on_device(rows, plan.bias_columns, target.dtype, x.device)
                 if w is not None:
-                    b = w @ ready("bias", target.dtype, x.device, bias_offsets)  # [rows, out]
-                    shape = (rows, -1, *([1] * (output.ndim - 2))) if plan.conv else (rows, *([1] * (output.ndim - 2)), -1)
-                    target += b.reshape(shape)
+                    offsets = ready("bias", target.dtype, x.device, bias_offsets)  # [options, out]
+                    target += per_row(w @ offsets, output.ndim)
             return output if in_place else target.to(output.dtype)
         return add_adapters
 
@@ -164,6 +179,7 @@ class UnmergedAdapters:
             for name in ("lowrank_columns", "lowrank", "dense_columns", "dense", "bias_columns", "bias"):
                 getattr(merged, name).extend(getattr(plan, name))
             merged.conv = merged.conv or plan.conv
+            merged.norm = merged.norm or plan.norm
         for path, plan in seen.items():
             module = comfy.utils.get_attr(base_model, path)
             self.handles.append(module.register_forward_hook(self._hook(plan)))

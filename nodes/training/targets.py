@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patching import model_family
+from ..patching import linear_like, model_family
 
 TARGET_PRESETS = (
     "attention",
@@ -77,21 +77,13 @@ class TargetLayer:
         return (self.in_features, *self.kernel_size)
 
 
-def _linear(module: torch.nn.Module) -> bool:
-    """A linear layer: ``torch.nn.Linear``, or a module that computes like one without subclassing it (ComfyUI 0.9.x's
-    quantized Linear of ``mixed_precision_ops`` — fp8 scaled / nvfp4 checkpoints — is a plain ``Module`` with
-    ``in_features`` / ``out_features``)."""
-    return isinstance(module, torch.nn.Linear) or all(
-        isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
-
-
 def _layer(owner: str, key_prefix: str, path: str, module: torch.nn.Module) -> TargetLayer | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
     key = f"{key_prefix}{path}.weight"
     rank = len(weight.shape)  # the layer's shape: packed storage (GGUF) has another .ndim
-    if _linear(module) and rank == 2:
+    if linear_like(module) and rank == 2:
         return TargetLayer(owner, key, path, "linear", int(weight.shape[0]), int(weight.shape[1]))
     if (isinstance(module, torch.nn.Conv2d) and rank == 4 and module.groups == 1
             and module.padding_mode == "zeros" and not isinstance(module.padding, str)):

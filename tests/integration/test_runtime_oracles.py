@@ -36,6 +36,8 @@ def _formats(env, model):
         "diff": lf.make_full_diff(sd, lf.pick_targets(sd, ("attn", "conv3")), seed=7),
         "lora_bias": _with_bias_diffs(sd, lf.make_lora(sd, lf.pick_targets(sd, ("attn", "conv3")), "kohya", rank=2,
                                                        alpha=2.0, seed=8), seed=9),
+        "norm": _with_norm_diffs(sd, lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=2, alpha=2.0,
+                                                  seed=10), seed=11),
     }
     for name, lora in files.items():
         lora.amplified(5, ("lora_up.weight", "lora_mid.weight", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w2_a"))
@@ -51,6 +53,20 @@ def _with_bias_diffs(sd, lora, seed):
         if bias in sd:
             lora.tensors[f"{lf.DIFFUSION}{lf.sgm_path(key)}.diff_b"] = torch.randn(sd[bias].shape, generator=g) * 0.5
     assert any(k.endswith(".diff_b") for k in lora.tensors)
+    return lora
+
+
+def _with_norm_diffs(sd, lora, seed):
+    """Add LyCORIS ``w_norm`` / ``b_norm`` (norm layers trained: ComfyUI loads them as ``diff`` patches of the affine
+    weight and bias) for LayerNorms and GroupNorms (a transformer's ``norm1``, a resblock's ``in_layers.0``, a spatial
+    transformer's ``norm``)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [k for k in sd if k.endswith((".transformer_blocks.0.norm1.weight", ".in_layers.0.weight", ".1.norm.weight"))]
+    assert len(norms) >= 3
+    for key in norms:
+        name = f"{lf.DIFFUSION}{lf.sgm_path(key)}"
+        lora.tensors[f"{name}.w_norm"] = torch.randn(sd[key].shape, generator=g) * 0.5
+        lora.tensors[f"{name}.b_norm"] = torch.randn(sd[key].shape, generator=g) * 0.5
     return lora
 
 
@@ -101,7 +117,7 @@ def _close(a, b, rel=REL):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
 
-@pytest.mark.parametrize("fmt", ["lora", "locon", "tucker", "loha", "lokr", "dora", "diff", "lora_bias"])
+@pytest.mark.parametrize("fmt", ["lora", "locon", "tucker", "loha", "lokr", "dora", "diff", "lora_bias", "norm"])
 def test_unmerged_equals_merged_per_format(env, model, fmt):
     _formats(env, model)
     s = _set([fmt], [0.8])
@@ -151,6 +167,22 @@ def test_routed_bias_offsets_follow_their_rows(env, model):
     routed = _routed_output(env, model, s, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), x, t, ctx)
     for row, strengths in enumerate([(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]):
         kept = [(n, st) for n, st in zip(["lora_bias", "diff"], strengths) if st]
+        alone = _static_output(call_node("LoraSetApply", model=model, lora_set=_set(*zip(*kept)))[0],
+                               x[row:row + 1], t[row:row + 1], ctx[row:row + 1])
+        assert _close(routed[row:row + 1], alone), (row, (routed[row:row + 1] - alone).abs().max().item())
+
+
+def test_routed_norm_patches_follow_their_rows(env, model):
+    """LayerNorm / GroupNorm weight and bias patches (LyCORIS ``w_norm`` / ``b_norm``; they failed in the unmerged
+    path before, "deltas[0] must be 2-D") are added as n(x)·Δw + Δb per row: rows 0/1/2 get the norm LoRA / a plain
+    LoRA / both at half strength, each equal to that row alone with the same LoRAs merged by core."""
+    _formats(env, model)
+    names = ["norm", "lora"]
+    s = _set(names, [1.0, 1.0])
+    x, t, ctx = _inputs(3)
+    routed = _routed_output(env, model, s, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), x, t, ctx)
+    for row, strengths in enumerate([(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]):
+        kept = [(n, st) for n, st in zip(names, strengths) if st]
         alone = _static_output(call_node("LoraSetApply", model=model, lora_set=_set(*zip(*kept)))[0],
                                x[row:row + 1], t[row:row + 1], ctx[row:row + 1])
         assert _close(routed[row:row + 1], alone), (row, (routed[row:row + 1] - alone).abs().max().item())

@@ -1,0 +1,114 @@
+"""LoRAs on layers the unmerged hooks cannot run, and the strategy the runtime picks for them.
+
+The hooks add a layer's delta to its output: linear layers, 2-D convs with groups 1 and zero padding, LayerNorm and
+GroupNorm (``test_runtime_oracles.py``: ``norm``). Anything else a LoRA file may patch — a grouped or 3-D conv (video
+DiTs' patch embeddings), a conv with reflect padding, a parameter that is no layer's weight or bias — has no hook
+path; ``nodes.runtime.layers.unmerged_obstacle`` names it and the runtime merges instead (core's own math, exact),
+with a log line; where merging is impossible too, a clear error before anything runs. Before, such a layer reached
+the hooks and failed mid-sampling (a grouped conv: "groups must be 1").
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness import lora_factory as lf
+from harness.node_calls import load_set
+from harness.sampling import cat_conds, run_custom, sigmas_for
+from harness.tiny_models import build_unet, weights_snapshot
+
+SEED = 61
+GROUPED = "diffusion_model.input_blocks.1.0.in_layers.2"  # a resblock's 3×3 conv, made grouped below
+
+
+def grouped_model():
+    """The tiny UNet with one resblock conv replaced by a grouped (groups 2) conv of the same channels."""
+    import comfy.utils
+
+    model = build_unet("sd15", SEED)
+    conv = comfy.utils.get_attr(model.model, GROUPED)
+    grouped = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, groups=2)
+    with torch.no_grad():
+        grouped.weight.copy_(torch.randn(grouped.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    comfy.utils.set_attr(model.model, GROUPED, grouped)
+    return model
+
+
+@pytest.fixture(scope="module")
+def loras(env):
+    """Two LoRAs on the attention layers; the first also patches the grouped conv with a full ``diff``."""
+    model = grouped_model()
+    sd = model.model.state_dict()
+    targets = lf.pick_targets(sd, ("attn",))
+    names = lf.save_strong_loras(sd, targets, env.models_dir / "loras", "grouped", seeds=(70, 71), ranks=(2, 2))
+    first = lf.make_lora(sd, targets, "kohya", rank=2, alpha=1.0, seed=70).amplified(8)
+    first.tensors[f"{GROUPED}.diff"] = torch.randn(sd[f"{GROUPED}.weight"].shape,
+                                                   generator=torch.Generator().manual_seed(4)) * 0.2
+    first.save(env.models_dir / "loras" / names[0])
+    pos, neg = cat_conds()
+    return names, pos, neg
+
+
+def composite(env, model, names, strategy, pos, neg):
+    import comfy.sample
+
+    patched, _clip, runtime, _lines = env.engine("nodes.composition").composite_lora_set(
+        model, None, load_set(names), strategy=strategy)
+    latent = torch.zeros(1, 4, 8, 8)
+    out = run_custom(patched, "euler", sigmas_for(model, 3), pos, neg, comfy.sample.prepare_noise(latent, 3), latent)
+    return out, runtime
+
+
+def test_obstacle_names_the_layer(env, loras):
+    names, _, _ = loras
+    model = grouped_model()
+    patching = env.engine("nodes.patching")
+    options = [patching.model_patch_lists(e, p) for e, p in patching.resolve_set(model, None, load_set(names))]
+    obstacle = env.engine("nodes.runtime.layers").unmerged_obstacle(model.model, options)
+    assert obstacle is not None and GROUPED in obstacle and "groups 2" in obstacle
+    assert env.engine("nodes.runtime.layers").unmerged_obstacle(model.model, options[1:]) is None
+
+
+@pytest.mark.parametrize("strategy, level", [("auto", logging.INFO), ("unmerged", logging.WARNING)],
+                         ids=["auto", "unmerged"])
+def test_layers_without_a_hook_path_merge_instead(env, loras, strategy, level, caplog):
+    """Composite's unmerged choice (auto on a CPU, or asked by name) merges when a LoRA'd layer has no hook path,
+    saying so (info for auto, a warning when unmerged was asked for); the result is merged Composite's, and the
+    base weights are bit-identical afterwards."""
+    import comfy.model_management as mm
+
+    names, pos, neg = loras
+    model = grouped_model()
+    before = weights_snapshot(model.model)
+    with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+        got, runtime = composite(env, model, names, strategy, pos, neg)
+    assert runtime.strategies == ["merged"]
+    records = [r for r in caplog.records if "hooks cannot run" in r.getMessage()]
+    assert records and records[0].levelno == level and GROUPED in records[0].getMessage()
+    want, _ = composite(env, model, names, "merged", pos, neg)
+    assert torch.equal(got, want)
+    base, _ = composite(env, model, names[1:], "merged", pos, neg)
+    assert not torch.equal(got, base)  # the grouped conv's LoRA acted
+    mm.unload_all_models()
+    after = weights_snapshot(model.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_neither_merged_nor_unmerged_is_a_clear_error(env, loras):
+    """Where the weights cannot be merged either (here: another LoRA Composer node already swaps this model's
+    weights, the stacked case), the run is refused before anything is patched, naming both reasons."""
+    names, _, _ = loras
+    model = grouped_model()
+    _patched, _clip, runtime, _lines = env.engine("nodes.composition").composite_lora_set(
+        model, None, load_set(names), strategy="auto")
+    binding = env.engine("nodes.runtime.binding")
+    binding._SWAPPING[id(model.model)] = "another-runtime"
+    try:
+        with pytest.raises(ValueError, match=r"neither be merged .*another LoRA Composer node.* nor run as adapters "
+                                             r"\(the hooks cannot run .*in_layers\.2"):
+            runtime.strategy_for_run(SimpleNamespace(model_patcher=None), model.model, torch.device("cpu"))
+    finally:
+        binding._SWAPPING.pop(id(model.model), None)
