@@ -35,10 +35,12 @@ METADATA_FIELDS = ("ss_base_model_version", "ss_sd_model_name", "ss_network_modu
                    "ss_network_alpha", "ss_output_name", "modelspec.title", "modelspec.architecture",
                    "lora_composer.method", "lora_composer.sources")
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_SCALAR_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors' fp8 names; a file saved all in fp8 (alphas too) exists in the wild
+_FP8 = {name: getattr(torch, attr) for name, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+        if hasattr(torch, attr)}
+_SCALAR_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, **_FP8}
+_DTYPES = {**_SCALAR_FLOATS, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class LoraInfoError(Exception):
@@ -140,7 +142,7 @@ def header_tensors(path: str, entries: dict[str, HeaderEntry]) -> dict[str, torc
             if scalar and e.end - e.begin == _SCALAR_FLOATS[e.dtype].itemsize:
                 f.seek(e.begin)
                 out[key] = torch.frombuffer(bytearray(f.read(e.end - e.begin)), dtype=_SCALAR_FLOATS[e.dtype])
-            else:
+            elif not key.endswith(".alpha"):  # an alpha in a form not read here is left out, not summarised as 0
                 out[key] = torch.empty(e.shape, dtype=_DTYPES.get(e.dtype, torch.float32), device="meta")
     return out
 

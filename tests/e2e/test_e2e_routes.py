@@ -35,6 +35,26 @@ def test_info_from_the_header_equals_lora_set_info(env, routes, in_process_model
     assert info["metadata"]["ss_network_dim"] == "4"
 
 
+def test_info_of_a_file_saved_all_in_fp8(env, routes, in_process_models):
+    """Alphas saved as fp8 scalars too (a whole-file cast): read from the header like any other float scalar (the
+    route failed on them: "Tensor.item() cannot be called on meta tensors"), the summary again LoraSetInfo's."""
+    import torch
+    from harness import lora_factory as lf
+    from harness.tiny_models import build_unet
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8_e4m3fn")
+    sd = build_unet("sd15", seed=3).model.state_dict()
+    lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn",)), "kohya", rank=4, alpha=2.0, seed=1)
+    lora.tensors = {k: v.to(torch.float8_e4m3fn) for k, v in lora.tensors.items()}
+    lora.save(in_process_models / "loras" / "all_fp8.safetensors")
+    info = routes.lora_info("all_fp8.safetensors")
+    lora_files, lora_format, lora_keys = (env.engine(f"nodes.{m}") for m in ("lora_files", "lora_format", "lora_keys"))
+    loaded = lora_files.read_lora_file(str(in_process_models / "loras" / "all_fp8.safetensors"))
+    assert info["summary"] == lora_format.summarize(lora_keys.normalize_keys(loaded.tensors), loaded.metadata).describe()
+    assert info["alphas"] == [2.0]
+
+
 def test_no_weight_is_read(env, routes, in_process_models, monkeypatch):
     """Only the header and the scalar alphas: safetensors' loaders are never called."""
     import safetensors.torch
