@@ -39,12 +39,16 @@ class EntryPatches:
     total_modules: int = 0
     unmatched: list[str] = field(default_factory=list)  # module prefixes nothing accepted
     text_encoder_ignored: int = 0  # text-encoder modules while no CLIP is connected
+    skipped: list[str] = field(default_factory=list)  # model / CLIP keys left out: their shape differs (a variant)
 
     def describe(self) -> str:
         line = (f"{self.name}: {len(self.model)} model + {len(self.clip)} CLIP weights patched from "
                 f"{self.total_modules} modules; {len(self.unmatched)} unmatched")
         if self.text_encoder_ignored:
             line += f"; {self.text_encoder_ignored} text-encoder modules ignored (no CLIP connected)"
+        if self.skipped:
+            line += (f"; {len(self.skipped)} layer(s) skipped, their shape differs from this model's "
+                     f"({', '.join(self.skipped)}: a variant of the base model, e.g. inpainting / fill)")
         if self.unmatched:
             shown = ", ".join(self.unmatched[:UNMATCHED_SHOWN])
             line += f" ({shown}{' …' if len(self.unmatched) > UNMATCHED_SHOWN else ''})"
@@ -187,6 +191,13 @@ def keys_present(key_map: dict, tensors: dict) -> dict:
     return {prefix: target for prefix, target in key_map.items() if prefix in starts}
 
 
+# A variant of a base model differs from it in its first layer: inpainting UNets' 9-channel conv_in, Flux Fill's and
+# Kontext's img_in. A LoRA for the base model then applies everywhere else (as core's loader does, logging an error
+# for the layer); more layers that do not fit mean another base model (SD2's cross-attention differs from SD1.5's in
+# 32 layers), which is refused.
+MAX_SKIPPED_LAYERS = 2
+
+
 def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict | None,
                   family: str) -> EntryPatches:
     """Turn one entry into patches for the model and CLIP, checking names and shapes first. ``model_sd`` /
@@ -202,12 +213,14 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
         if key in model_sd:
             if not _fits(patch, target, model_sd[key]):
                 mismatched.append(key)
+                continue
             result.model[target] = patch
         elif clip_sd is not None and key in clip_sd:
             if not _fits(patch, target, clip_sd[key]):
                 mismatched.append(key)
+                continue
             result.clip[target] = patch
-    accepted = {_target_name(t) for t in (*result.model, *result.clip)}
+    accepted = {_target_name(t) for t in (*result.model, *result.clip, *mismatched)}
     for prefix in groups:
         target = key_map.get(prefix)
         if target is not None and _target_name(target) in accepted:
@@ -216,7 +229,9 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
             result.text_encoder_ignored += 1
         else:
             result.unmatched.append(prefix)
-    if mismatched:
+    if mismatched and len(mismatched) <= MAX_SKIPPED_LAYERS and (result.model or result.clip):
+        result.skipped = sorted(mismatched)  # core's loader skips them too (with an error line per key)
+    elif mismatched:
         raise LoraMismatchError(
             f"{entry.name}: {len(mismatched)} of its layers do not fit the connected {family} model "
             f"(e.g. {mismatched[0]}); the file looks made for {guess_base_model(tensors, entry.metadata())}. "
@@ -316,6 +331,8 @@ def report_lines(resolved: list[tuple[LoraEntry, EntryPatches]]) -> list[str]:
             line += f"; blocks {entry.blocks.describe()}"
         if patches.unmatched:
             log.warning("[LoRA Composer] %s; all unmatched: %s", line, ", ".join(patches.unmatched))
+        elif patches.skipped:
+            log.warning("[LoRA Composer] %s", line)
         else:
             log.info("[LoRA Composer] %s", line)
         lines.append(line)

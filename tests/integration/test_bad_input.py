@@ -73,6 +73,35 @@ def test_same_names_other_shapes_are_refused(env, model, untouched):
         call_node("LoraSetApply", model=model, lora_set=s)
 
 
+def test_lora_for_the_base_model_on_its_inpainting_variant(env, model, untouched, caplog):
+    """A LoCon trained on the base model, first conv included, on its inpainting variant (9 input channels): the
+    first conv does not fit and is skipped, named in the report and the log; every other layer is patched exactly as
+    core's loader patches it (which skips that layer too, logging an error). Before, the whole file was refused."""
+    import logging
+
+    import comfy.sd
+    import comfy.utils
+
+    from harness.tiny_models import patched_weights
+
+    sd = model.model.state_dict()
+    first = "diffusion_model.input_blocks.0.0.weight"
+    lora = lf.make_lora(sd, [first] + lf.pick_targets(sd, ("attn",)), "kohya", rank=2, seed=6)
+    lora.save(_loras(env) / "base_locon.safetensors")
+    inpaint = build_unet("sd15", seed=0, config_overrides={"in_channels": 9})
+    (s,) = call_node("LoraSetLoad", lora_name="base_locon.safetensors", strength_model=1.0, strength_clip=1.0)
+    with caplog.at_level(logging.WARNING, logger="LoRA Composer"):
+        ours, _clip, report = call_node("LoraSetApply", model=inpaint, lora_set=s)
+    assert "1 layer(s) skipped" in report and first in report and "0 unmatched" in report
+    assert any(first in r.getMessage() for r in caplog.records)
+    path = str(_loras(env) / "base_locon.safetensors")
+    core, _ = comfy.sd.load_lora_for_models(inpaint, None, comfy.utils.load_torch_file(path, safe_load=True), 1.0, 0)
+    a, b = patched_weights(ours), patched_weights(core)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a[first], inpaint.model.state_dict()[first])  # the first conv untouched
+    assert sum(not torch.equal(a[k], inpaint.model.state_dict()[k]) for k in lora.expected) == len(lora.expected) - 1
+
+
 def test_nan_tensors(env, model, untouched):
     sd = model.model.state_dict()
     lora = lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=4)
