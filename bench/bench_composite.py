@@ -292,11 +292,11 @@ class Methods(SamplingMethods):
     def static_batched(self, k: int):
         """S's model with each conditioning given k times: ComfyUI batches the 2k rows into one UNet call (what CU
         runs), with no adapter work; the averaged prediction equals S's."""
+        import comfy.sample
+
         (patched, _clip, _report) = call_node("LoraSetApply", model=self.model, lora_set=self.lora_set(lora_names(1)))
         positive = [[t, dict(d)] for _ in range(k) for t, d in self.positive]
         negative = [[t, dict(d)] for _ in range(k) for t, d in self.negative]
-        import comfy.sample
-
         return lambda: comfy.sample.sample_custom(patched, self.noise, CFG, self.sampler, self.sigmas, positive,
                                                   negative, self.latent, disable_pbar=True, seed=SEED)
 
