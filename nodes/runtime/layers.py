@@ -6,8 +6,8 @@ OFT, offsets, full diffs) becomes an exact dense ΔW computed once with ComfyUI'
 weight: exact for row weights 0/1 (routing), a linear blend otherwise — DoRA is not linear in its
 strength, so for DoRA only 0/1 routing reproduces core exactly.
 
-Norm layers (LayerNorm, GroupNorm) patched by LyCORIS ``w_norm`` / ``b_norm`` files (ComfyUI loads them as ``diff``
-patches of the affine weight and bias) run exactly too: out = n(x)·w + b, so a Δw adds n(x)·Δw (the hook
+Norm layers (LayerNorm, RMSNorm, GroupNorm) patched by LyCORIS ``w_norm`` / ``b_norm`` files (ComfyUI loads them as
+``diff`` patches of the affine weight and bias) run exactly too: out = n(x)·w + b, so a Δw adds n(x)·Δw (the hook
 re-normalises x once) and a Δb adds Δb. Layers no hook can run (3-D or grouped convs, parameters other than a
 weight or bias) are named by :func:`unmerged_obstacle`; the binding then merges instead.
 """
@@ -32,29 +32,36 @@ class DenseBudgetError(MemoryError):
 
 @dataclass(frozen=True)
 class NormSpec:
-    """A LayerNorm's or GroupNorm's normalisation, n(x), without its affine weight and bias."""
+    """A LayerNorm's, RMSNorm's or GroupNorm's normalisation, n(x), without its affine weight and bias."""
 
-    kind: str  # "layer" | "group"
-    shape: tuple[int, ...]  # layer: normalized_shape; group: (channels,)
+    kind: str  # "layer" | "rms" | "group"
+    shape: tuple[int, ...]  # layer / rms: normalized_shape; group: (channels,)
     groups: int
-    eps: float
+    eps: float | None  # RMSNorm's None: torch's default for the input's dtype, as the layer itself computes
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, self.shape, None, None, self.eps)
+        if self.kind == "rms":
+            return F.rms_norm(x, self.shape, None, self.eps)
         return F.group_norm(x, self.groups, None, None, self.eps)
 
     def per_row(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
         """``[rows, *shape]`` per-row weight or bias values, shaped to broadcast against the layer's output."""
         rows = values.shape[0]
-        if self.kind == "layer":  # the normalised dims are the last ones
+        if self.kind != "group":  # the normalised dims are the last ones
             return values.reshape(rows, *([1] * (ndim - 1 - len(self.shape))), *self.shape)
         return values.reshape(rows, -1, *([1] * (ndim - 2)))  # channels first
+
+
+_RMS_NORM = getattr(torch.nn, "RMSNorm", None)  # torch ≥ 2.4; ComfyUI's RMSNorm layers subclass it there
 
 
 def norm_spec(module: torch.nn.Module) -> NormSpec | None:
     if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
         return NormSpec("layer", tuple(module.normalized_shape), 1, float(module.eps))
+    if _RMS_NORM is not None and isinstance(module, _RMS_NORM) and module.elementwise_affine:
+        return NormSpec("rms", tuple(module.normalized_shape), 1, None if module.eps is None else float(module.eps))
     if isinstance(module, torch.nn.GroupNorm) and module.affine:
         return NormSpec("group", (int(module.num_channels),), int(module.num_groups), float(module.eps))
     return None
@@ -64,9 +71,9 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
     """Why the hooks cannot run these options' patches on this model (the first such layer), or None.
 
     The hooks add a layer's delta to its output, which they can for linear layers (also other packs' layers with a
-    2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / GroupNorm; a 1-D / 3-D / transposed or grouped
-    conv, an embedding, another norm, or a parameter that is no layer's weight or bias (SD3's ``pos_embed``) has no
-    such path here — merging them is exact (core's own math)."""
+    2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / RMSNorm / GroupNorm; a 1-D / 3-D / transposed or
+    grouped conv, an embedding, another norm, or a parameter that is no layer's weight or bias (SD3's ``pos_embed``,
+    Flux's RMSNorm ``scale``) has no such path here — merging them is exact (core's own math)."""
     keys = sorted({k for opt in options for k in opt})
     for key in keys:
         module_path, _, param = key.rpartition(".")
@@ -101,7 +108,7 @@ class LayerPlan:
     dense: list[torch.Tensor] = field(default_factory=list)
     bias_columns: list[int] = field(default_factory=list)
     bias: list[torch.Tensor] = field(default_factory=list)
-    norm: NormSpec | None = None  # a LayerNorm / GroupNorm: dense deltas scale n(x), not x
+    norm: NormSpec | None = None  # a LayerNorm / RMSNorm / GroupNorm: dense deltas scale n(x), not x
 
     def copy(self) -> "LayerPlan":
         """A copy with its own lists (the tensors are shared; they stay on the CPU between runs)."""

@@ -123,7 +123,7 @@ class UnmergedAdapters:
         def bias_offsets(dtype, device):  # [options, out]
             return torch.stack([t.reshape(-1) for t in plan.bias]).to(device=device, dtype=dtype)
 
-        def norm_scales(dtype, device):  # [options, *normalized shape]: the Δw of a LayerNorm / GroupNorm
+        def norm_scales(dtype, device):  # [options, *normalized shape]: the Δw of a norm layer
             return torch.stack(plan.dense).to(device=device, dtype=dtype)
 
         def per_row(values, ndim):  # [rows, channels…] → broadcastable against the output

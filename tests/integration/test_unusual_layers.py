@@ -112,3 +112,38 @@ def test_neither_merged_nor_unmerged_is_a_clear_error(env, loras):
             runtime.strategy_for_run(SimpleNamespace(model_patcher=None), model.model, torch.device("cpu"))
     finally:
         binding._SWAPPING.pop(id(model.model), None)
+
+
+def test_rms_norm_weights_run_unmerged_exactly(env, loras):
+    """An RMSNorm (torch's, which ComfyUI's RMSNorm layers subclass) patched by a LyCORIS ``w_norm``: the hooks add
+    rms(x)·Δw per row, so Composite stays unmerged (auto on a CPU) and equals merged Composite; the base weights are
+    untouched."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    if not hasattr(torch.nn, "RMSNorm"):
+        pytest.skip("this torch has no nn.RMSNorm")
+    _, pos, neg = loras
+    norm = "diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1"
+    model = build_unet("sd15", SEED)
+    width = comfy.utils.get_attr(model.model, norm).normalized_shape[0]
+    rms = torch.nn.RMSNorm(width, eps=1e-6)
+    with torch.no_grad():
+        rms.weight.copy_(1.0 + 0.1 * torch.randn(width, generator=torch.Generator().manual_seed(5)))
+    comfy.utils.set_attr(model.model, norm, rms)
+    sd = model.model.state_dict()
+    targets = lf.pick_targets(sd, ("attn",))
+    names = lf.save_strong_loras(sd, targets, env.models_dir / "loras", "rms", seeds=(72, 73), ranks=(2, 2))
+    without, _ = composite(env, model, names, "merged", pos, neg)  # before the norm joins the first LoRA
+    first = lf.make_lora(sd, targets, "kohya", rank=2, alpha=1.0, seed=72).amplified(8)
+    first.tensors[f"{norm}.w_norm"] = torch.randn(width, generator=torch.Generator().manual_seed(6)) * 20
+    first.save(env.models_dir / "loras" / names[0])
+    before = weights_snapshot(model.model)
+    got, runtime = composite(env, model, names, "auto", pos, neg)
+    assert runtime.strategies == ["unmerged"]
+    want, _ = composite(env, model, names, "merged", pos, neg)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), (got - want).abs().max().item()
+    assert (want - without).abs().max().item() > 1e-3 * want.abs().max().item()  # the norm's patch acts
+    mm.unload_all_models()
+    after = weights_snapshot(model.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
