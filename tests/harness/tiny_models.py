@@ -195,6 +195,26 @@ def build_sd3(seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+# Wan 2.1 text-to-video, 2 blocks of width 32: a Conv3d patch embedding, RMSNorm q/k norms, 5-D latents
+# [batch, 16, frames, h, w], text context of width 48 (16 tokens).
+WAN_TINY = {"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "ffn_dim": 64, "freq_dim": 32, "text_dim": 48,
+            "num_heads": 2, "num_layers": 2, "in_dim": 16, "out_dim": 16, "eps": 1e-6, "text_len": 16}
+
+
+def build_wan(seed: int = 0):
+    """A ModelPatcher over a tiny ``comfy.supported_models.WAN21_T2V`` video DiT."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.WAN21_T2V(dict(WAN_TINY))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    init_weights_(model.diffusion_model, seed=seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def build_sd15_controlnet(seed: int = 5):
     """A core ``comfy.controlnet.ControlNet`` over a tiny ``cldm.ControlNet`` shaped like ``SD15_TINY`` (RGB hint,
     8× compression), with random weights so that it changes the UNet's output."""

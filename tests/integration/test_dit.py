@@ -1,5 +1,6 @@
-"""DiT models ComfyUI maps (a tiny Flux, a tiny SD3 MMDiT): loading in kohya / OneTrainer and diffusers key styles,
-and the composition nodes.
+"""DiT models ComfyUI maps (a tiny Flux, a tiny SD3 MMDiT, a tiny Wan 2.1 video DiT): loading in kohya / OneTrainer
+and diffusers key styles, and the composition nodes (Wan: 5-D video latents, RMSNorm q/k norms, a Conv3d patch
+embedding).
 
 Diffusers-style Flux files (diffusers, ai-toolkit, most Flux LoRAs in the wild) name separate ``to_q`` / ``to_k`` /
 ``to_v`` / ``proj_mlp`` layers that core maps onto *slices* of the fused ``qkv`` / ``linear1`` weights (patch
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.tiny_models import FLUX_TINY, SD3_TINY, build_flux, build_sd3, weights_snapshot
+from harness.tiny_models import FLUX_TINY, SD3_TINY, build_flux, build_sd3, build_wan, weights_snapshot
 
 REL = 1e-5
 H = FLUX_TINY["hidden_size"]
@@ -53,7 +54,7 @@ def flux(env):
     return model, pos, neg
 
 
-def sample(model_or_guider, pos=None, neg=None, cfg=3.0, steps=3):
+def sample(model_or_guider, pos=None, neg=None, cfg=3.0, steps=3, latent=None):
     import comfy.sample
     import comfy.samplers
 
@@ -62,7 +63,7 @@ def sample(model_or_guider, pos=None, neg=None, cfg=3.0, steps=3):
         guider = comfy.samplers.CFGGuider(model_or_guider)
         guider.set_conds(pos, neg)
         guider.set_cfg(cfg)
-    latent = torch.zeros(1, 16, 8, 8)
+    latent = torch.zeros(1, 16, 8, 8) if latent is None else latent
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "simple", steps)
     return guider.sample(comfy.sample.prepare_noise(latent, 3), latent, comfy.samplers.sampler_object("euler"), sigmas,
                          disable_pbar=True, seed=3)
@@ -72,15 +73,15 @@ def close(a, b, rel=REL):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
 
-def sample_node(node, model, s, pos, neg, strategy):
+def sample_node(node, model, s, pos, neg, strategy, latent=None):
     """Build a composition node over ``model`` with set ``s`` and ``strategy`` and sample it (3 euler steps)."""
     if node == "AutoLoraGuider":
         (guider,) = call_node(node, model=model, lora_set=s, positive=pos, negative=neg, cfg_base=2.0, cfg_lora=3.0,
                               gamma=0.6, strategy=strategy)
-        return sample(guider)
+        return sample(guider, latent=latent)
     extra = {"LoraSetSwitch": {"switch_every": 1, "schedule": "paper"},
              "AutoLoraGuidance": {"gamma": 0.6}}.get(node, {})
-    return sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg)
+    return sample(call_node(node, model=model, lora_set=s, strategy=strategy, **extra)[0], pos, neg, latent=latent)
 
 
 def applied_by_us_and_core(model, name: str):
@@ -211,3 +212,63 @@ def test_sd3_slice_loras_merge_into_whole_fused_weights(env, sd3):
     got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg)
     want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg)
     assert close(got, want), (got - want).abs().max().item()
+
+
+WAN_NORM_Q = "diffusion_model.blocks.0.self_attn.norm_q"
+WAN_LATENT = (1, 16, 2, 8, 8)  # batch, channels, frames, height, width
+
+
+@pytest.fixture(scope="module")
+def wan(env):
+    """Two kohya LoRAs on every attention and FFN linear of the tiny Wan, the first also training the q-norm
+    (LyCORIS ``w_norm`` on an RMSNorm); a third file adds a full ``diff`` on the Conv3d patch embedding."""
+    model = build_wan(seed=0)
+    sd = model.model.state_dict()
+    targets = [k for k in sd if k.endswith(".weight") and sd[k].ndim == 2
+               and any(part in k for part in (".self_attn.", ".cross_attn.", ".ffn."))]
+    g = torch.Generator().manual_seed(9)
+    for i in range(2):
+        lora = lf.make_lora(sd, targets, "kohya", rank=2, alpha=1.0, seed=800 + i).amplified(8)
+        if i == 0:
+            lora.tensors[f"{WAN_NORM_Q}.w_norm"] = torch.randn(sd[f"{WAN_NORM_Q}.weight"].shape, generator=g) * 3
+        lora.save(env.models_dir / "loras" / f"wan_{i}.safetensors")
+    patch = lf.make_lora(sd, targets, "kohya", rank=2, alpha=1.0, seed=802).amplified(8)
+    patch.tensors["diffusion_model.patch_embedding.diff"] = torch.randn(
+        sd["diffusion_model.patch_embedding.weight"].shape, generator=g) * 0.2
+    patch.save(env.models_dir / "loras" / "wan_patch.safetensors")
+    pos, neg = ([[torch.randn(1, 16, 48, generator=g) * scale, {}]] for scale in (1.0, 0.5))
+    return model, pos, neg
+
+
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance", "AutoLoraGuider"])
+def test_video_dit_composition_unmerged_equals_merged(env, wan, node):
+    """5-D video latents through every composition node: the hooks (linear layers and the RMSNorm's w_norm) equal
+    core's merged weights; the LoRAs act; the base weights are untouched."""
+    model, pos, neg = wan
+    before = weights_snapshot(model.model)
+    s = lora_set(["wan_0.safetensors", "wan_1.safetensors"])
+    latent = torch.zeros(WAN_LATENT)
+    merged, unmerged = (sample_node(node, model, s, pos, neg, strategy, latent) for strategy in ("merged", "unmerged"))
+    assert close(unmerged, merged), (unmerged - merged).abs().max().item()
+    assert not close(merged, sample(model, pos, neg, latent=latent), 1e-3), "the LoRAs must change the output"
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
+def test_video_patch_embedding_lora_merges_instead(env, wan, caplog):
+    """A LoRA on the Conv3d patch embedding has no hook path: Composite's auto (unmerged on a CPU) merges instead,
+    naming the layer, and equals merged Composite."""
+    import logging
+
+    model, pos, neg = wan
+    composite = env.engine("nodes.composition").composite_lora_set
+    latent = torch.zeros(WAN_LATENT)
+    outs, runtimes = {}, {}
+    for strategy in ("auto", "merged"):
+        patched, _clip, runtimes[strategy], _lines = composite(model, None, lora_set(["wan_patch.safetensors",
+                                                                                       "wan_1.safetensors"]),
+                                                               strategy=strategy)
+        with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+            outs[strategy] = sample(patched, pos, neg, latent=latent)
+    assert runtimes["auto"].strategies == ["merged"]
+    assert any("patch_embedding" in r.getMessage() and "Conv3d" in r.getMessage() for r in caplog.records)
+    assert torch.equal(outs["auto"], outs["merged"])
