@@ -6,7 +6,8 @@ entry's strength and block weight. Methods:
 
 * ``linear``  ΔW = Σ ΔW_i exactly. Stored as stacked low-rank factors where every contribution is a
   plain LoRA/LoCon (exact, rank Σ r_i), as a dense ``diff`` otherwise.
-* ``concat``  exact rank stacking B_cat A_cat = Σ c_i B_i A_i; only plain low-rank inputs.
+* ``concat``  exact rank stacking B_cat A_cat = Σ c_i B_i A_i; only plain low-rank inputs on 2-D / 4-D weights.
+  Weights with no low-rank form (biases, norm weights, 3-D / 5-D convs) are stored as exact dense diffs.
 * ``svd``     ΔW = Σ ΔW_i re-compressed to ``rank`` per layer (best rank-r in Frobenius norm); the
   relative error per layer is reported.
 * ``ties``    trim each ΔW_i to ``density``, elect the sign, disjoint mean (weights = strengths).
@@ -116,6 +117,13 @@ def scaled_factors(contribution: Contribution) -> tuple[torch.Tensor, torch.Tens
     return up.float(), down.float(), contribution.strength * scale
 
 
+def _patch_kind(patch) -> str:
+    """A patch's format for messages: a weight adapter's name, or a tuple patch's tag ("diff", …)."""
+    if isinstance(patch, tuple) and patch and isinstance(patch[0], str):
+        return patch[0]
+    return getattr(patch, "name", type(patch).__name__)
+
+
 def _lora_tensors(prefix: str, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
     rank = down.shape[0]
     return {f"{prefix}.lora_up.weight": up.contiguous().cpu(), f"{prefix}.lora_down.weight": down.contiguous().cpu(),
@@ -161,8 +169,8 @@ def merge_lora_set(model, clip, lora_set: LoraSet, method: str, rank: int = 32, 
             if stacked is not None:
                 tensors.update(_lora_tensors(prefix, *stacked))
                 continue
-            if method == "concat":
-                kinds = ", ".join(sorted({getattr(c.patch, 'name', type(c.patch).__name__) for c in contribs}))
+            if method == "concat" and len(weight_shape) in (2, 4):
+                kinds = ", ".join(sorted({_patch_kind(c.patch) for c in contribs}))
                 raise ValueError(f"concat merges plain LoRA/LoCon factors only; {key} has {kinds} patches "
                                  "(DoRA, Tucker, LoHa, LoKr…). Use 'svd' or 'linear' for these.")
             tensors[f"{prefix}.diff"] = sum(exact_delta(patcher, key, c) for c in contribs).cpu()

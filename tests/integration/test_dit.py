@@ -272,3 +272,18 @@ def test_video_patch_embedding_lora_merges_instead(env, wan, caplog):
     assert runtimes["auto"].strategies == ["merged"]
     assert any("patch_embedding" in r.getMessage() and "Conv3d" in r.getMessage() for r in caplog.records)
     assert torch.equal(outs["auto"], outs["merged"])
+
+
+def test_video_dit_lora_applies_and_merges_like_core(env, wan):
+    """LoraSetApply on the Wan = core's loading bit for bit (norm and Conv3d patches included); LoraSetMerge
+    (concat, exact) of two files = both applied."""
+    model, pos, neg = wan
+    latent = torch.zeros(WAN_LATENT)
+    ours, core = applied_by_us_and_core(model, "wan_patch.safetensors")
+    assert ours.patches.keys() == core.patches.keys()
+    assert torch.equal(sample(ours, pos, neg, latent=latent), sample(core, pos, neg, latent=latent))
+    s = lora_set(["wan_0.safetensors", "wan_1.safetensors"])
+    merged = call_node("LoraSetMerge", model=model, lora_set=s, method="concat", rank=64, density=0.5, seed=0)[0]
+    got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg, latent=latent)
+    want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg, latent=latent)
+    assert close(got, want), (got - want).abs().max().item()
