@@ -156,9 +156,24 @@ def guess_base_model(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return guess
 
 
+# DiT families by module names no other family uses, in dotted (ComfyUI / diffusers) and underscored (kohya) form;
+# checked before Flux's double/single blocks, which HunyuanVideo and Chroma share.
+_DIT_FAMILIES = (
+    (r"double_stream_blocks|single_stream_blocks", "HiDream"),
+    (r"distilled_guidance_layer", "Chroma (Flux-based)"),
+    (r"individual_token_refiner|(img|txt)_mlp[._]fc1|\.img_attn_qkv\.", "HunyuanVideo"),
+    (r"transformer_blocks[._]\d+[._](img|txt)_mlp", "Qwen-Image"),
+    (r"noise_refiner|context_refiner", "Lumina 2"),
+    (r"blocks[._]\d+[._](self_attn|cross_attn)[._][qkvo]([._]|$)", "Wan"),
+)
+
+
 def _guess_from_keys(tensors: dict[str, torch.Tensor]) -> str:
     keys = list(tensors)
     joined = "\n".join(keys[:4000])
+    for pattern, family in _DIT_FAMILIES:
+        if re.search(pattern, joined, re.MULTILINE):
+            return family
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks", joined):
         return "Flux"
     if "joint_blocks" in joined or "transformer.transformer_blocks" in joined and "context_block" in joined:

@@ -57,6 +57,18 @@ def test_key_style_names_dit_files(env, key, style):
     ("some_module", {"modelspec.architecture": "flux-1-dev/lora"}, "Flux (from its metadata)"),
     ("lora_unet_double_blocks_0_img_attn_qkv", {"ss_base_model_version": "sdxl_base_v1-0"}, "Flux"),  # keys win
     ("some_module", {"ss_base_model_version": "something_new"}, "unknown"),
+    # video and newer DiTs by their own module names (kohya and ComfyUI forms); Flux's own names stay Flux
+    ("lora_unet_blocks_0_self_attn_q", {}, "Wan"),
+    ("diffusion_model.blocks.3.cross_attn.o", {}, "Wan"),
+    ("diffusion_model.double_blocks.0.img_attn_qkv", {}, "HunyuanVideo"),
+    ("lora_unet_double_blocks_0_img_mlp_fc1", {}, "HunyuanVideo"),
+    ("lora_unet_double_blocks_0_img_mlp_0", {}, "Flux"),
+    ("diffusion_model.double_blocks.0.img_attn.qkv", {}, "Flux"),
+    ("transformer.transformer_blocks.0.img_mlp.net.0.proj", {}, "Qwen-Image"),
+    ("diffusion_model.double_stream_blocks.0.block.attn1.to_q", {}, "HiDream"),
+    ("diffusion_model.noise_refiner.0.attention.qkv", {}, "Lumina 2"),
+    ("diffusion_model.distilled_guidance_layer.layers.0.in_layer", {}, "Chroma (Flux-based)"),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", {}, "SD1.x/SD2.x (UNet)"),
 ])
 def test_base_model_guess_uses_metadata_where_keys_leave_it_open(env, key, metadata, base):
     """Keys say what a file physically fits; a file without cross-attention layers (or with unknown keys) is named by
