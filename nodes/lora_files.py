@@ -66,10 +66,9 @@ def _is_finite(t: torch.Tensor) -> bool:
         # fp8 and other narrow floats (LoRA files saved in float8_e4m3fn exist) have no isfinite / sum kernels on
         # every build; the cast to float32 is exact and keeps NaN and ±Inf.
         t = t.to(torch.float32)
-    if t.dtype in _SUM_CHECKED_DTYPES:
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        if math.isfinite(t.sum(dtype=acc).item()):  # a float32/64 scalar is exact as a Python float
-            return True
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if math.isfinite(t.sum(dtype=acc).item()):  # a float32/64 scalar is exact as a Python float
+        return True
     return bool(torch.isfinite(t).all())
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import comfy.lora
-import comfy.utils
 import torch
 import torch.nn.functional as F
 
 from ...kernels.lowrank import ConvSpec, LowRankAdapter
 from ..patching import delta_base, linear_like
+from .merged_swap import patched_keys, resolve_layers
 
 DENSE_BUDGET_BYTES = 2 * 1024**3  # refuse to build more dense deltas than this (clear error, not OOM)
 
@@ -74,10 +74,8 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
     2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / RMSNorm / GroupNorm; a 1-D / 3-D / transposed or
     grouped conv, an embedding, another norm, or a parameter that is no layer's weight or bias (SD3's ``pos_embed``,
     Flux's RMSNorm ``scale``) has no such path here — merging them is exact (core's own math)."""
-    keys = sorted({k for opt in options for k in opt})
-    for key in keys:
-        module_path, _, param = key.rpartition(".")
-        module = comfy.utils.get_attr(base_model, module_path) if module_path else base_model
+    for layer in resolve_layers(base_model, patched_keys(options)):
+        key, module, param = layer.key, layer.module, layer.name
         kind = type(module).__name__
         if param not in ("weight", "bias"):
             return f"{key} (a {kind}'s {param!r}, not a layer weight or bias)"
@@ -115,11 +113,6 @@ class LayerPlan:
         return LayerPlan(self.key, self.module_path, self.conv, list(self.lowrank_columns), list(self.lowrank),
                          list(self.dense_columns), list(self.dense), list(self.bias_columns), list(self.bias),
                          self.norm)
-
-    @property
-    def channels_first(self) -> bool:
-        """Whether the layer's output channels are dim 1 (conv, GroupNorm) rather than the last dim."""
-        return self.conv is not None or (self.norm is not None and self.norm.kind == "group")
 
 
 def conv_spec(module: torch.nn.Module) -> ConvSpec | None:
@@ -165,15 +158,13 @@ def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Te
 
 def build_layer_plans(base_model, options: list[dict[str, list[tuple]]]) -> list[LayerPlan]:
     """One plan per patched key; column j of the routing weights is option j."""
-    keys = sorted({k for opt in options for k in opt})
     plans: list[LayerPlan] = []
     dense_bytes = 0
-    for key in keys:
-        module_path, _, param = key.rpartition(".")
-        module = comfy.utils.get_attr(base_model, module_path)
+    for layer in resolve_layers(base_model, patched_keys(options)):
+        key, module, param = layer.key, layer.module, layer.name
         weight = module.weight
         norm = norm_spec(module)
-        plan = LayerPlan(key=key, module_path=module_path, conv=None if norm else conv_spec(module), norm=norm)
+        plan = LayerPlan(key=key, module_path=key.rpartition(".")[0], conv=conv_spec(module), norm=norm)
         for column, option in enumerate(options):
             patch_list = option.get(key)
             if not patch_list:

@@ -120,17 +120,16 @@ class UnmergedAdapters:
         def dense_deltas(dtype, device):
             return [t.to(device=device, dtype=dtype) for t in plan.dense]
 
-        def bias_offsets(dtype, device):  # [options, out]
-            return torch.stack([t.reshape(-1) for t in plan.bias]).to(device=device, dtype=dtype)
+        def per_channel(tensors):  # [options, channels]: bias offsets, a norm layer's Δw (flattened)
+            return lambda dtype, device: torch.stack([t.reshape(-1) for t in tensors]).to(device=device, dtype=dtype)
 
-        def norm_scales(dtype, device):  # [options, *normalized shape]: the Δw of a norm layer
-            return torch.stack(plan.dense).to(device=device, dtype=dtype)
+        bias_offsets, norm_scales = per_channel(plan.bias), per_channel(plan.dense)
 
-        def per_row(values, ndim):  # [rows, channels…] → broadcastable against the output
+        def per_row(values, ndim):  # [rows, channels] → broadcastable against the output
             if plan.norm is not None:
                 return plan.norm.per_row(values, ndim)
             rows = values.shape[0]
-            return values.reshape((rows, -1, *([1] * (ndim - 2))) if plan.channels_first
+            return values.reshape((rows, -1, *([1] * (ndim - 2))) if plan.conv is not None
                                   else (rows, *([1] * (ndim - 2)), -1))
 
         @_not_traced
@@ -151,9 +150,8 @@ class UnmergedAdapters:
             if plan.dense and plan.norm is not None:  # out = n(x)·w + b: a Δw adds n(x)·Δw
                 w = self.routing.on_device(rows, plan.dense_columns, x.dtype, x.device)
                 if w is not None:
-                    scales = ready("norm", x.dtype, x.device, norm_scales)
-                    per_row_scale = (w @ scales.reshape(scales.shape[0], -1)).reshape(rows, *scales.shape[1:])
-                    target += (plan.norm.normalize(x) * per_row(per_row_scale, output.ndim)).to(target.dtype)
+                    scales = ready("norm", x.dtype, x.device, norm_scales)  # [options, channels]
+                    target += (plan.norm.normalize(x) * per_row(w @ scales, output.ndim)).to(target.dtype)
             elif plan.dense:
                 w = self.routing.used_rows(rows, plan.dense_columns)
                 if w is not None:
