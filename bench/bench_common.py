@@ -259,6 +259,9 @@ def trace_sampling(methods: "SamplingMethods", sample, title: str) -> None:
     if cuda:
         kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         print(f"device kernel time {kernels / 1e6:.3f} s = {kernels / 1e6 / meter.wall:.2f} of the wall time")
+        waits = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                                "cudaMemcpyAsync", "cudaMemcpy", "cudaEventSynchronize")}
+        print("host waits and copies (calls): " + (", ".join(f"{k} {v}" for k, v in sorted(waits.items())) or "none"))
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 

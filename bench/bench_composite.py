@@ -820,9 +820,10 @@ def main() -> None:
               + ("" if set(rows) == {2 * k} else f"  NOTE: not one {2 * k}-row call per step (split for memory?)"))
     if args.torch_profile:
         k0 = min(args.ks, default=0)
-        for m, k in (("S", 0), ("SB", k0), ("CU", k0)):
-            if m in args.methods and (k or m == "S"):
-                trace_sampling(methods, methods.prepare(m, k), f"{COMPOSITE_METHODS.get(m, S_LABEL)} k={k}")
+        for m, k in (("S", 0), ("SB", k0), ("CU", k0), ("AU", 0), ("AG", 0)):
+            if m in args.methods and (k or m in ("S", "AU", "AG")):
+                label = {**COMPOSITE_METHODS, **AUTOLORA_METHODS}.get(m, S_LABEL)
+                trace_sampling(methods, methods.prepare(m, k), label + (f" k={k}" if k else ""))
     methods.mm.unload_all_models()
 
     memory = {} if args.no_memory else measure_memory(args, models_dir)

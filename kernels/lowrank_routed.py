@@ -49,6 +49,8 @@ from .lowrank import (
 
 __all__ = ["PreparedLowRank", "RowSegment", "add_routed", "add_routed_torch", "plan_rows"]
 
+POINTWISE_ROWS_BYTES = 1 << 20  # per layer: the per-row factor copies a pointwise conv's batched GEMMs may keep
+
 
 def _widest(*dtypes: torch.dtype) -> torch.dtype:
     wide = torch.float32
@@ -109,6 +111,26 @@ class PreparedLowRank:
         self.ups_t = [None if conv is not None else u.t() for u in ups]
         self.up_cat_t = None if conv is not None or self.up_cat is None else self.up_cat.t()
         self._block_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        # A pointwise (1×1, stride 1, unpadded) conv adapter is a matrix over channels: per row n,
+        # out[n] += up · (down · x[n]) on [C, H·W] views, two batched GEMMs for any number of blocks where cuDNN
+        # ran two convolutions per block plus a slice and an add (SD1.5's proj_in / proj_out).
+        self.pointwise: tuple[list[Tensor], list[Tensor]] | None = None
+        if conv is not None and _is_pointwise(adapters, conv):
+            self.pointwise = ([d.view(d.shape[0], d.shape[1]) for d in downs],
+                              [u.view(u.shape[0], u.shape[1]) for u in ups])
+        self._pointwise_rows: dict[tuple[int, int, int], tuple[Tensor, Tensor] | None] = {}
+
+    def pointwise_rows(self, first: int, m: int, rows: int) -> tuple[Tensor, Tensor] | None:
+        """For a pointwise conv: adapters ``first`` … ``first + m − 1`` as one ``[r, C]`` down and ``[O, r]`` up per
+        batch row (block i's factors repeated for its ``rows`` rows), contiguous for ``bmm`` (made once per run);
+        None where that copy would exceed ``POINTWISE_ROWS_BYTES`` (large batches run as convolutions)."""
+        key = (first, m, rows)
+        if key not in self._pointwise_rows:
+            downs, ups = self.pointwise[0][first:first + m], self.pointwise[1][first:first + m]
+            size = rows * sum(d.numel() + u.numel() for d, u in zip(downs, ups)) * downs[0].element_size()
+            self._pointwise_rows[key] = None if size > POINTWISE_ROWS_BYTES else (
+                torch.stack(downs).repeat_interleave(rows, dim=0), torch.stack(ups).repeat_interleave(rows, dim=0))
+        return self._pointwise_rows[key]
 
     def blocks(self, first: int, m: int) -> tuple[Tensor, Tensor]:
         """``(down_blocks, up_blocks)`` of adapters ``first`` … ``first + m − 1`` (views, made once per range)."""
@@ -116,6 +138,12 @@ class PreparedLowRank:
         if hit is None:
             hit = self._block_views[(first, m)] = (self.down_blocks[first:first + m], self.up_blocks[first:first + m])
         return hit
+
+
+def _is_pointwise(adapters: Sequence[LowRankAdapter], conv: ConvSpec) -> bool:
+    unpadded = conv.padding in ("valid", "same") or tuple(conv.padding) == (0, 0)
+    return (unpadded and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and all(a.mid is None and tuple(a.down.shape[2:]) == (1, 1) for a in adapters))
 
 
 @dataclass(frozen=True)
@@ -202,6 +230,8 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
     """The ``"torch"`` backend of :func:`add_routed`."""
     conv = prepared.conv
     for seg in segments:
+        if prepared.pointwise is not None and _add_pointwise(prepared, x, out, seg):
+            continue
         if seg.blocks:
             if prepared.down_blocks is None or not out.is_contiguous():
                 add_routed_torch(prepared, x, out, seg.blocks)  # conv, unequal ranks: block by block
@@ -232,6 +262,39 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
         else:  # every row, or a dim-0 slice (a view that stays contiguous when out is)
             _up_into(h, up, conv, out if seg.rows is None else out[seg.rows], seg.weight, up_t)
     return out
+
+
+def _add_pointwise(prepared: PreparedLowRank, x: Tensor, out: Tensor, seg: RowSegment) -> bool:
+    """A pointwise conv's block segment or one-adapter slice as ``bmm`` + ``baddbmm_`` over ``[rows, C, H·W]`` views;
+    False (nothing done) for other segments or layouts."""
+    if not (x.is_contiguous() and out.is_contiguous()) or isinstance(seg.rows, Tensor):
+        return False
+    if seg.blocks:
+        m = len(seg.blocks)
+        first, n = seg.blocks[0].adapter, x.shape[0]
+        if n % m:
+            return False
+        factors = prepared.pointwise_rows(first, m, n // m)
+        if factors is None:
+            return False
+        downs, ups = factors
+        h = torch.bmm(downs, x.view(n, x.shape[1], -1))
+        if seg.block_weights is not None:
+            h.view(m, n // m, *h.shape[1:]).mul_(seg.block_weights.view(m, 1, 1, 1))
+        out.view(n, out.shape[1], -1).baddbmm_(ups, h, alpha=seg.weight)
+        return True
+    if seg.adapter is None:
+        return False
+    rows_in = x if seg.rows is None else x[seg.rows]
+    rows_out = out if seg.rows is None else out[seg.rows]
+    n = rows_in.shape[0]
+    factors = prepared.pointwise_rows(seg.adapter, 1, n)
+    if factors is None:
+        return False
+    downs, ups = factors
+    h = torch.bmm(downs, rows_in.view(n, x.shape[1], -1))
+    rows_out.view(n, out.shape[1], -1).baddbmm_(ups, h, alpha=seg.weight)
+    return True
 
 
 def add_routed(prepared: PreparedLowRank, x: Tensor, out: Tensor, segments: Sequence[RowSegment]) -> Tensor:

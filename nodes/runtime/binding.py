@@ -33,7 +33,8 @@ from .layers import build_layer_plans, unmerged_obstacle
 from .lowrank_terms import LowRankTerms
 from .merged_swap import MergedSwapper, held_bytes, merge_obstacle
 from .step_tracker import StepTracker, probe_steps
-from .unmerged import Routing, UnmergedAdapters
+from .staging import PackedUpload
+from .unmerged import Routing, UnmergedAdapters, lowrank_upload
 
 
 STRATEGIES = ("auto", "merged", "unmerged", "merged-lowvram")
@@ -106,6 +107,9 @@ class AdapterRuntime:
         self.strategies: list[str] = []  # the strategy each run used
         self.forwards: list[int] = []  # network evaluations per finished run
         self._terms: LowRankTerms | None = None  # see low_rank_terms
+        # unmerged runs: the factors in the hooks' form, and their page-locked packed copy, made at the first run
+        self._lowrank_memo: dict = {}
+        self._hook_upload: PackedUpload | None = None
         # per base model: what keeps its weights from being merged / written in place (see _obstacle)
         self._obstacles: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str | None]]" = (
             weakref.WeakKeyDictionary())
@@ -188,8 +192,12 @@ class AdapterRuntime:
         if strategy == "merged-lowvram":
             obstacle = self._obstacle("in place", base_model)
             if obstacle is not None:
-                if self._obstacle("unmerged", base_model) is not None:
-                    return "merged"  # the copy form: it writes no weight in place
+                unmerged_obstacle_ = self._obstacle("unmerged", base_model)
+                if unmerged_obstacle_ is not None:  # the copy form: it writes no weight in place
+                    log.warning("[LoRA Composer] %s: cannot swap weights in place (%s) and the hooks cannot run %s; "
+                                "swapping a patched copy instead (strategy merged).", self.key, obstacle,
+                                unmerged_obstacle_)
+                    return "merged"
                 log.warning("[LoRA Composer] %s: cannot swap weights in place: %s; running unmerged.", self.key,
                             obstacle)
                 return "unmerged"
@@ -204,8 +212,12 @@ class AdapterRuntime:
                     log.info("[LoRA Composer] %s: %s; swapping the LoRAs into the weights in place instead (their "
                              "originals in host memory).", self.key, why)
                     return "merged-lowvram"
-                if self._obstacle("unmerged", base_model) is not None:
-                    return strategy  # nothing else can run these LoRAs: try the copy
+                unmerged_obstacle_ = self._obstacle("unmerged", base_model)
+                if unmerged_obstacle_ is not None:  # nothing else can run these LoRAs: try the copy
+                    log.warning("[LoRA Composer] %s: %s, and not in place either (%s), but the hooks cannot run %s; "
+                                "keeping the patched copy anyway (it may not fit).", self.key, why, why_not,
+                                unmerged_obstacle_)
+                    return strategy
                 log.info("[LoRA Composer] %s: %s, and not in place either (%s); running unmerged (LoRAs as adapters, "
                          "no weight copy).", self.key, why, why_not)
                 return "unmerged"
@@ -288,7 +300,9 @@ class AdapterRuntime:
         if run.swapper is not None:
             _SWAPPING[id(base_model)] = self.key
         else:
-            run.hooks = UnmergedAdapters(build_layer_plans(base_model, self.options), run.routing)
+            plans = build_layer_plans(base_model, self.options, lowrank_memo=self._lowrank_memo)
+            self._hook_upload = lowrank_upload(plans, kept=self._hook_upload)
+            run.hooks = UnmergedAdapters(plans, run.routing, upload=self._hook_upload)
             run.hooks.install(base_model, noise.device)
         self.run = run
         try:

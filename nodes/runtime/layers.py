@@ -122,6 +122,9 @@ def conv_spec(module: torch.nn.Module) -> ConvSpec | None:
     return None
 
 
+_FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | None:
     """A plain LoRA/LoCon patch as factors shaped for the layer; None when it is anything else."""
     strength, patch, strength_model, offset, function = entry_patch
@@ -145,7 +148,12 @@ def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | Non
         down, up = down.reshape(rank, -1), up.reshape(up.shape[0], rank)
     else:
         return None
-    return LowRankAdapter(down=down.float(), up=up.float(), mid=None if mid is None else mid.float(), scale=scale)
+    # Kept in the file's dtype where the hooks can cast from it (the factors themselves or views of them: no copy held
+    # between runs; PreparedLowRank casts on the device); fp8 and other narrow forms become fp32 here.
+    def usable(t):
+        return t if t.dtype in _FACTOR_DTYPES else t.float()
+
+    return LowRankAdapter(down=usable(down), up=usable(up), mid=None if mid is None else usable(mid), scale=scale)
 
 
 def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Tensor:
@@ -156,8 +164,14 @@ def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Te
     return comfy.lora.calculate_weight(patch_list, w32.clone(), key) - w32
 
 
-def build_layer_plans(base_model, options: list[dict[str, list[tuple]]]) -> list[LayerPlan]:
-    """One plan per patched key; column j of the routing weights is option j."""
+def build_layer_plans(base_model, options: list[dict[str, list[tuple]]],
+                      lowrank_memo: dict | None = None) -> list[LayerPlan]:
+    """One plan per patched key; column j of the routing weights is option j.
+
+    ``lowrank_memo``: a dict kept by the caller across runs of the same options, so that each run's plans hold the
+    same factor tensors (views of the LoRA's own, or fp32 copies of fp8 ones) and their packed upload is made once
+    (``unmerged.lowrank_upload``). Dense deltas are computed per run: DoRA's depends on the weight's current value."""
+    memo = {} if lowrank_memo is None else lowrank_memo
     plans: list[LayerPlan] = []
     dense_bytes = 0
     for layer in resolve_layers(base_model, patched_keys(options)):
@@ -173,7 +187,12 @@ def build_layer_plans(base_model, options: list[dict[str, list[tuple]]]) -> list
                 plan.bias_columns.append(column)
                 plan.bias.append(exact_dense_delta(base_model, key, patch_list))
                 continue
-            factors = as_lowrank(patch_list[0], weight) if len(patch_list) == 1 and norm is None else None
+            factors = None
+            if len(patch_list) == 1 and norm is None:
+                memo_key = (key, column, tuple(weight.shape), id(patch_list[0][1]))
+                factors = memo.get(memo_key)
+                if factors is None:
+                    factors = memo[memo_key] = as_lowrank(patch_list[0], weight)
             if factors is not None:
                 plan.lowrank_columns.append(column)
                 plan.lowrank.append(factors)

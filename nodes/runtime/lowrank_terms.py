@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..patching import plain_lora_weights
+from .staging import PackedUpload
 
 Term = tuple[float, int, int]  # (factor, index of up, index of down) in LowRankTerms.matrices
 
@@ -22,7 +23,7 @@ class LowRankTerms:
         self._index: dict[int, int] = {}  # id(source tensor) → matrix index
         self._sources: list[torch.Tensor] = []  # held, so that an id stays its tensor's
         self._on: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        self._host: dict[torch.dtype, tuple[torch.Tensor, list[int]]] | None = None  # see _packed
+        self._upload: PackedUpload | None = None  # every matrix, packed for one copy per dtype (kept across runs)
         self._terms: dict[tuple[int, str], list[Term] | None] = {
             (j, key): self.terms_of(patches) for j, option in enumerate(patches_per_option)
             for key, patches in option.items()}
@@ -71,7 +72,7 @@ class LowRankTerms:
             index = self._index[id(tensor)] = len(self._sources)
             self._sources.append(tensor)
             self._on.clear()
-            self._host = None
+            self._upload = None
         return index
 
     def shape(self, index: int) -> tuple[int, int]:
@@ -93,43 +94,9 @@ class LowRankTerms:
         return hit
 
     def _move(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        if all(s.device == device for s in self._sources):  # the CPU: no copy for sources already in dtype
-            return [s.to(dtype).flatten(1) for s in self._sources]
-        out: list[torch.Tensor | None] = [None] * len(self._sources)
-        for packed, members in self._packed(device).values():
-            flat = packed.to(device, non_blocking=packed.is_pinned()).to(dtype)
-            out_views = self.unpacked(flat, members)
-            for index in members:
-                out[index] = out_views[index]
-        return out
-
-    def unpacked(self, flat: torch.Tensor, members: list[int]) -> dict[int, torch.Tensor]:
-        """The ``[rows, cols]`` views of ``members``' matrices in a flat tensor laid out as ``_packed`` packs."""
-        views, offset = {}, 0
-        for index in members:
-            rows, cols = self.shape(index)
-            views[index] = flat[offset:offset + rows * cols].view(rows, cols)
-            offset += rows * cols
-        return views
-
-    def _packed(self, device: torch.device) -> dict[torch.dtype, tuple[torch.Tensor, list[int]]]:
-        """Every matrix packed into one flat host tensor per source dtype (cast to fp32 on the device, after the
-        copy), made once and kept for the next runs: page-locked for a CUDA device, so that the copy is one fast
-        transfer the host does not wait for. The cost: the LoRA factors once more in host memory."""
-        if self._host is None:  # (a newly registered matrix resets it)
-            groups: dict[torch.dtype, list[int]] = {}
-            for index, source in enumerate(self._sources):
-                groups.setdefault(source.dtype, []).append(index)
-            self._host = {}
-            for dtype, members in groups.items():
-                packed = torch.cat([self._sources[i].detach().to("cpu").reshape(-1) for i in members])
-                if device.type == "cuda":
-                    try:
-                        packed = packed.pin_memory()
-                    except RuntimeError:  # no page-locked memory to be had: a pageable copy still works
-                        pass
-                self._host[dtype] = (packed, members)
-        return self._host
+        if self._upload is None:  # (a newly registered matrix resets it)
+            self._upload = PackedUpload(self._sources)
+        return [m.flatten(1) for m in self._upload.to(device, dtype)]
 
     def release(self) -> None:
         """Drop the device copies (the end of a run); the terms stay for the next, and so do the matrices on the
@@ -137,3 +104,5 @@ class LowRankTerms:
         self._on = {on: matrices for on, matrices in self._on.items()
                     if all(m.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
                            for m, s in zip(matrices, self._sources))}
+        if self._upload is not None:
+            self._upload.release()

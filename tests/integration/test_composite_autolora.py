@@ -236,6 +236,49 @@ def test_composite_of_equal_rank_loras_runs_blocks_batched(env, setup):
     assert close(got, sample_guider(reference_guider(model, refs, [4.0] * 3, pos, neg, 4.0)))
 
 
+def test_unmerged_runs_upload_their_factors_packed_once(env, setup):
+    """The hooks' LoRA factors reach the device in one packed copy per dtype (``staging.PackedUpload``), made at the
+    first unmerged run and kept for the next (the same factor tensors each run), its device copies dropped at the end
+    of each run; the second run's result is the first's bit for bit."""
+    model, names, pos, neg = setup
+    composition = env.engine("nodes.composition")
+    unmerged = env.engine("nodes.runtime.unmerged")
+    comp, _, runtime, _ = composition.composite_lora_set(model, None, lora_set(names[:2]), strategy="unmerged")
+    first = sample_model(comp, pos, neg, 4.0, steps=2)
+    upload = runtime._hook_upload
+    assert upload is not None and upload.sources and not upload._on, "device copies live for one run only"
+    second = sample_model(comp, pos, neg, 4.0, steps=2)
+    assert runtime._hook_upload is upload and torch.equal(first, second)
+    plans = env.engine("nodes.runtime.layers").build_layer_plans(model.model, runtime.options,
+                                                                 lowrank_memo=runtime._lowrank_memo)
+    assert unmerged.lowrank_upload(plans, kept=upload) is upload  # the same tensors: nothing packed again
+    assert unmerged.lowrank_upload(plans) is not upload
+
+
+def test_packed_upload_lays_out_one_flat_tensor_per_dtype(env):
+    """The packed layout another device's upload unpacks: one flat host tensor per source dtype, views shaped like
+    the sources (cast once when a dtype is asked for); on the sources' own device no copy at all."""
+    staging = env.engine("nodes.runtime.staging")
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(3, 4, generator=g), torch.randn(2, 2, 1, 1, generator=g).half(),
+               torch.randn(5, generator=g), torch.randn(4, 3, generator=g).half()]
+    upload = staging.PackedUpload(sources)
+    assert all(a is b for a, b in zip(upload.to("cpu"), sources))
+    packed = upload._packed(torch.device("cpu"))
+    assert {dtype: flat.numel() for dtype, (flat, _) in packed.items()} == {torch.float32: 17, torch.float16: 16}
+    flats = {dtype: flat.clone() for dtype, (flat, _) in packed.items()}
+    for got, source in zip(upload.unpack(flats), sources):
+        assert got.dtype == source.dtype and torch.equal(got, source)
+    for got, source in zip(upload.unpack(flats, torch.float32), sources):
+        assert got.dtype == torch.float32 and torch.equal(got, source.float())
+    on_meta = upload.to("meta", torch.float16)
+    assert [t.shape for t in on_meta] == [t.shape for t in sources] and all(t.is_meta for t in on_meta)
+    staged = staging.StagedTensors(upload, "meta")
+    assert staged.get(sources[2]).is_meta and staged.get(torch.ones(1)).device.type == "cpu"
+    upload.release()
+    assert not upload._on
+
+
 def test_composite_bad_input(env, setup):
     model, names, pos, neg = setup
     with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):

@@ -114,6 +114,30 @@ def test_neither_merged_nor_unmerged_is_a_clear_error(env, loras):
         binding._SWAPPING.pop(id(model.model), None)
 
 
+@pytest.mark.parametrize("case", ["in place asked", "auto, no room for the copy"])
+def test_fallback_to_the_patched_copy_is_logged(env, loras, case, caplog):
+    """Where the weights cannot be swapped in place (here: said to be quantized) and the hooks cannot run a layer
+    (the grouped conv), the runtime swaps a patched copy — and says so (it used to fall back silently)."""
+    names, _, _ = loras
+    model = grouped_model()
+    strategy = "merged-lowvram" if case == "in place asked" else "auto"
+    _patched, _clip, runtime, _lines = env.engine("nodes.composition").composite_lora_set(
+        model, None, load_set(names), strategy=strategy)
+    runtime._obstacles[model.model] = {"in place": "some.layer.weight is stored in another form (quantized)"}
+    runtime.free_memory = lambda device: 0  # an accelerator with no room for a patched copy
+    if case == "in place asked":
+        args = (torch.device("cpu"),)
+        expected, message = "merged", "cannot swap weights in place"
+    else:
+        args = (torch.device("meta"), (1, 4, 8, 8))
+        expected, message = "merged", "not in place either"
+    with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+        got = runtime.strategy_for_run(SimpleNamespace(model_patcher=None), model.model, *args)
+    assert got == expected
+    (record,) = [r for r in caplog.records if message in r.getMessage()]
+    assert record.levelno == logging.WARNING and GROUPED in record.getMessage()
+
+
 def test_rms_norm_weights_run_unmerged_exactly(env, loras):
     """An RMSNorm (torch's, which ComfyUI's RMSNorm layers subclass) patched by a LyCORIS ``w_norm``: the hooks add
     rms(x)·Δw per row, so Composite stays unmerged (auto on a CPU) and equals merged Composite; the base weights are

@@ -442,7 +442,7 @@ def _block_problem(layout: str, m: int, seed: int = 0):
 @pytest.mark.parametrize("m", [2, 5])
 def test_block_segments_match_dense_oracle(layout: str, block_weights: str, m: int) -> None:
     """Equal consecutive row blocks, block i using adapter i alone: one block segment, batched GEMMs on linear
-    layers (the per-block path on conv layers), both against the float64 oracle."""
+    layers and pointwise (1×1) convs (the per-block path on other convs), both against the float64 oracle."""
     x, adapters, conv, weight = _block_problem(layout, m)
     values = [1.5] * m if block_weights == "equal" else [0.5 + i for i in range(m)]
     w = torch.zeros(2 * m, m)
@@ -507,17 +507,43 @@ def test_block_segments_launch_the_same_operations_for_any_number_of_loras() -> 
             self.calls.append(getattr(func, "__name__", str(func)))
             return func(*args, **(kwargs or {}))
 
-    counts = {}
-    for m in (2, 5):
-        x, adapters, conv, _ = _block_problem("linear3d", m)
-        prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
-        w = torch.repeat_interleave(torch.eye(m), 2, dim=0)
-        segments = plan_rows(w, prepared.ranks, x.dtype, x.device)
-        out = torch.zeros(2 * m, 4, OUT)
-        with Count() as counter:
-            add_routed(prepared, x, out, segments)
-        counts[m] = [c for c in counter.calls if c in ("bmm", "baddbmm_", "linear", "addmm_", "index_add_")]
-    assert counts[2] == counts[5] == ["bmm", "baddbmm_"]
+    for layout in ("linear3d", "conv1x1"):  # a pointwise conv is a matrix over channels: the same batched pair
+        counts = {}
+        for m in (2, 5):
+            x, adapters, conv, weight = _block_problem(layout, m)
+            prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+            w = torch.repeat_interleave(torch.eye(m), 2, dim=0)
+            segments = plan_rows(w, prepared.ranks, x.dtype, x.device)
+            out = torch.zeros_like(_layer(x, weight, conv))
+            with Count() as counter:
+                add_routed(prepared, x, out, segments)
+            counts[m] = [c for c in counter.calls
+                         if c in ("bmm", "baddbmm_", "linear", "addmm_", "index_add_", "conv2d", "add_")]
+        assert counts[2] == counts[5] == ["bmm", "baddbmm_"], layout
+
+
+@pytest.mark.parametrize("why", ["large batch", "non-contiguous input", "scattered rows"])
+def test_pointwise_conv_falls_back_to_convolutions(why: str, monkeypatch) -> None:
+    """Where the batched GEMMs of a 1×1 conv do not apply (their per-row factor copies over the size cap, a
+    channels-last input, rows given by indices) the conv path runs, and the result is the same."""
+    m = 3
+    x, adapters, conv, weight = _block_problem("conv1x1", m)
+    w = torch.repeat_interleave(torch.eye(m), 2, dim=0) * 0.7
+    if why == "large batch":
+        monkeypatch.setattr(lowrank_routed, "POINTWISE_ROWS_BYTES", 64)
+    elif why == "non-contiguous input":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        w = w[[0, 2, 4, 1, 3, 5]]
+    prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+    assert prepared.pointwise is not None
+    base = _layer(x, weight, conv)
+    out = base.clone()
+    add_routed(prepared, x, out, plan_rows(w, prepared.ranks, x.dtype, x.device))
+    assert _rel(out - base, _oracle(x, adapters, w, conv, weight)) < TOL
+    assert all(f is None for f in prepared._pointwise_rows.values())  # no per-row copies kept or used
+    strided = PreparedLowRank(_problem("conv3x3_s2p1", 2)[1], STRIDED, x.dtype, x.device)
+    assert strided.pointwise is None  # a 3×3 or strided conv is no matrix over channels
 
 
 def test_prepared_factors_fold_the_scale_and_share_storage() -> None:
