@@ -110,6 +110,8 @@ class PreparedLowRank:
         # host time), and a hooked layer runs a few hundred times per step (bench/bench_hooks.py).
         self.ups_t = [None if conv is not None else u.t() for u in ups]
         self.up_cat_t = None if conv is not None or self.up_cat is None else self.up_cat.t()
+        self.downs_t = [None if conv is not None else d.t() for d in downs]
+        self.down_cat_t = None if conv is not None or self.down_cat is None else self.down_cat.t()
         self._block_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         # A pointwise (1×1, stride 1, unpadded) conv adapter is a matrix over channels: per row n,
         # out[n] += up · (down · x[n]) on [C, H·W] views, two batched GEMMs for any number of blocks where cuDNN
@@ -246,13 +248,25 @@ def add_routed_torch(prepared: PreparedLowRank, x: Tensor, out: Tensor,
         if seg.adapter is not None:
             a = seg.adapter
             down, mid, up, up_t = prepared.downs[a], prepared.mids[a], prepared.ups[a], prepared.ups_t[a]
+            down_t = prepared.downs_t[a]
         elif prepared.down_cat is not None:
             down, mid, up, up_t = prepared.down_cat, None, prepared.up_cat, prepared.up_cat_t
+            down_t = prepared.down_cat_t
         else:  # Tucker or unequal down shapes: no stacked factors, one adapter after the other
             singles = [RowSegment(seg.rows, seg.weights, a, w) for a, w in enumerate(seg.weights) if w]
             add_routed_torch(prepared, x, out, singles)
             continue
         scattered = isinstance(seg.rows, Tensor)
+        if conv is None and not scattered and x.is_contiguous() and out.is_contiguous():
+            # every row or a dim-0 slice of a linear layer: two GEMMs on 2-D views (F.linear on a 3-D input goes
+            # through matmul's reshapes: twice the dispatcher calls, which a host-bound GPU step pays per layer)
+            rows_in = x if seg.rows is None else x[seg.rows]
+            h = torch.mm(rows_in.view(-1, x.shape[-1]), down_t)
+            if seg.columns is not None:
+                h.mul_(seg.columns)
+            rows_out = out if seg.rows is None else out[seg.rows]
+            rows_out.view(-1, out.shape[-1]).addmm_(h, up_t, alpha=seg.weight)
+            continue
         rows_in = x if seg.rows is None else x.index_select(0, seg.rows) if scattered else x[seg.rows]
         h = _down(rows_in, down, mid, conv)
         if seg.columns is not None:

@@ -522,6 +522,35 @@ def test_block_segments_launch_the_same_operations_for_any_number_of_loras() -> 
         assert counts[2] == counts[5] == ["bmm", "baddbmm_"], layout
 
 
+@pytest.mark.parametrize("rows", ["every row", "a slice"])
+def test_linear_rows_run_two_gemms_on_views(rows: str) -> None:
+    """One adapter on every row (Switch unmerged) or a slice of rows (AutoLoRA's LoRA half): per layer the two GEMMs on
+    2-D views and nothing else — F.linear on a 3-D input took 3 more dispatcher calls (``t``, matmul's reshapes),
+    which a host-bound GPU step pays per hooked layer — and the oracle result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, adapters, conv, weight = _problem("linear3d", 1)
+    w = torch.ones(N, 1) if rows == "every row" else torch.tensor([[0.0], [0.0], [1.5], [1.5], [1.5]])
+    prepared = PreparedLowRank(adapters, conv, x.dtype, x.device)
+    segments = plan_rows(w, prepared.ranks, x.dtype, x.device)
+    base = _layer(x, weight, conv)
+    out = base.clone()
+    with Count() as counter:
+        add_routed(prepared, x, out, segments)
+    views = ["view", "mm", "view", "addmm_"]
+    assert counter.ops == (views if rows == "every row" else ["slice", *views[:2], "slice", *views[2:]])
+    assert _rel(out - base, _oracle(x, adapters, w, conv, weight)) < TOL
+
+
 @pytest.mark.parametrize("why", ["large batch", "non-contiguous input", "scattered rows"])
 def test_pointwise_conv_falls_back_to_convolutions(why: str, monkeypatch) -> None:
     """Where the batched GEMMs of a 1×1 conv do not apply (their per-row factor copies over the size cap, a
