@@ -14,6 +14,11 @@ from collections.abc import Sequence
 import torch
 
 
+# Page-locked memory is scarce (ComfyUI pins weights for offloading too): a larger packed tensor stays pageable — its
+# copy then waits for the GPU once, still one copy instead of one per tensor.
+PIN_LIMIT_BYTES = 1 << 30
+
+
 class PackedUpload:
     """``sources`` (host tensors, any shapes) uploaded together; ``to(device)`` returns device tensors shaped like the
     sources, in their order (views into one flat tensor per dtype, cast once on the device when ``dtype`` is given).
@@ -66,7 +71,7 @@ class PackedUpload:
             self._host = {}
             for dtype, members in groups.items():
                 packed = torch.cat([self.sources[i].detach().to("cpu").reshape(-1) for i in members])
-                if device.type == "cuda":
+                if device.type == "cuda" and packed.numel() * packed.element_size() <= PIN_LIMIT_BYTES:
                     try:
                         packed = packed.pin_memory()
                     except RuntimeError:  # no page-locked memory to be had: a pageable copy still works

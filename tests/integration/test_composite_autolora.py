@@ -279,6 +279,20 @@ def test_packed_upload_lays_out_one_flat_tensor_per_dtype(env):
     assert not upload._on
 
 
+def test_packed_upload_pins_only_up_to_its_limit(env, monkeypatch):
+    """For a CUDA device the packed host tensor is page-locked (one asynchronous copy), but only up to
+    ``PIN_LIMIT_BYTES`` per dtype: larger sets stay pageable (page-locked memory is scarce)."""
+    staging = env.engine("nodes.runtime.staging")
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.dtype) or self)
+    monkeypatch.setattr(staging, "PIN_LIMIT_BYTES", 4 * 10)
+    upload = staging.PackedUpload([torch.ones(10), torch.ones(3, 4, dtype=torch.float16), torch.ones(2)])
+    upload._packed(torch.device("cuda"))
+    assert pinned == [torch.float16]  # 24 bytes pinned; the 48-byte fp32 pack stays pageable
+    staging.PackedUpload([torch.ones(3)])._packed(torch.device("cpu"))
+    assert pinned == [torch.float16]  # nothing pinned for the CPU
+
+
 def test_composite_bad_input(env, setup):
     model, names, pos, neg = setup
     with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):
