@@ -73,10 +73,13 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
     The hooks add a layer's delta to its output, which they can for linear layers (also other packs' layers with a
     2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / RMSNorm / GroupNorm; a 1-D / 3-D / transposed or
     grouped conv, an embedding, another norm, or a parameter that is no layer's weight or bias (SD3's ``pos_embed``,
-    Flux's RMSNorm ``scale``) has no such path here — merging them is exact (core's own math)."""
+    Flux's RMSNorm ``scale``) has no such path here — merging them is exact (core's own math). Nor can they hold more
+    exact dense deltas (LoHa / LoKr / DoRA on a large model) than ``DENSE_BUDGET_BYTES``."""
+    dense = 0  # bytes of the exact dense deltas the hooks would build (fp32, per option and layer)
     for layer in resolve_layers(base_model, patched_keys(options)):
         key, module, param = layer.key, layer.module, layer.name
         kind = type(module).__name__
+        dense += _dense_delta_bytes(layer, options)
         if param not in ("weight", "bias"):
             return f"{key} (a {kind}'s {param!r}, not a layer weight or bias)"
         if norm_spec(module) is not None:
@@ -92,7 +95,28 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
         if linear_like(module) or (isinstance(weight, torch.Tensor) and len(weight.shape) == 2):
             continue
         return f"{key} (a {kind})"
+    if dense > DENSE_BUDGET_BYTES:
+        return (f"non-low-rank LoRAs (LoHa / LoKr / DoRA / full diffs): their exact dense deltas need "
+                f"{dense / 2**30:.1f} GiB, over the hooks' {DENSE_BUDGET_BYTES / 2**30:.0f} GiB budget")
     return None
+
+
+def _dense_delta_bytes(layer, options: list[dict[str, list[tuple]]]) -> int:
+    """What ``build_layer_plans`` would hold for this layer as dense deltas: an fp32 ΔW per option whose patch list
+    is not one plain LoRA (norm layers' and biases' deltas are the size of the parameter too)."""
+    shape = layer.original.shape
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    count = 0
+    for option in options:
+        patch_list = option.get(layer.key)
+        if not patch_list:
+            continue
+        plain = (layer.name == "weight" and len(patch_list) == 1 and norm_spec(layer.module) is None
+                 and as_lowrank(patch_list[0], layer.original) is not None)
+        count += 0 if plain else 1
+    return 4 * numel * count
 
 
 @dataclass

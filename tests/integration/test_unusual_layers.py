@@ -114,6 +114,35 @@ def test_neither_merged_nor_unmerged_is_a_clear_error(env, loras):
         binding._SWAPPING.pop(id(model.model), None)
 
 
+@pytest.mark.parametrize("strategy, level", [("auto", logging.INFO), ("unmerged", logging.WARNING)],
+                         ids=["auto", "unmerged"])
+def test_dense_deltas_over_budget_merge_instead(env, strategy, level, caplog, monkeypatch):
+    """LoHa / LoKr LoRAs run unmerged as exact dense deltas, at most ``DENSE_BUDGET_BYTES`` of them (2 GiB: a LoKr on
+    every SDXL attention layer is more). Over it, Composite's unmerged choice merges instead, saying so, where it
+    failed mid-run with DenseBudgetError; the result is merged Composite's."""
+    layers = env.engine("nodes.runtime.layers")
+    model = build_unet("sd15", SEED)
+    sd = model.model.state_dict()
+    attn = [k for k in lf.pick_targets(sd, ("attn",)) if sd[k].ndim == 2]
+    names = ["budget_loha.safetensors", "budget_lokr.safetensors"]
+    lf.make_loha(sd, attn, seed=80).amplified(4, ("hada_w1_a",)).save(env.models_dir / "loras" / names[0])
+    lf.make_lokr(sd, attn, seed=81).amplified(4, ("lokr_w1",)).save(env.models_dir / "loras" / names[1])
+    pos, neg = cat_conds()
+    need = sum(4 * sd[k].numel() for k in attn) * 2
+    monkeypatch.setattr(layers, "DENSE_BUDGET_BYTES", need - 1)
+    with caplog.at_level(logging.INFO, logger="LoRA Composer"):
+        got, runtime = composite(env, model, names, strategy, pos, neg)
+    assert runtime.strategies == ["merged"]
+    (record,) = [r for r in caplog.records if "dense deltas need" in r.getMessage()]
+    assert record.levelno == level
+    want, _ = composite(env, model, names, "merged", pos, neg)
+    assert torch.equal(got, want)
+    monkeypatch.setattr(layers, "DENSE_BUDGET_BYTES", need)  # exactly the budget: the hooks run them
+    got_unmerged, runtime = composite(env, model, names, strategy, pos, neg)
+    assert runtime.strategies == ["unmerged"]
+    assert float((got_unmerged - want).norm() / want.norm()) < 1e-5  # fp32: summation order only
+
+
 @pytest.mark.parametrize("case", ["in place asked", "auto, no room for the copy"])
 def test_fallback_to_the_patched_copy_is_logged(env, loras, case, caplog):
     """Where the weights cannot be swapped in place (here: said to be quantized) and the hooks cannot run a layer
