@@ -18,7 +18,10 @@ A batch made of equal consecutive blocks of rows, block ``i`` using adapter ``a0
 Composite's layout: component-major rows), becomes one *block* segment: on a linear layer whose
 adapters share one rank it runs as one batched GEMM pair (``bmm`` / ``baddbmm_``) over all blocks, so
 the number of kernel launches per layer does not grow with the number of LoRAs (on a GPU each launch
-costs several microseconds, which on small layers outweighs the arithmetic).
+costs several microseconds, which on small layers outweighs the arithmetic). A pointwise conv (1×1,
+stride 1, unpadded: SD1.5's ``proj_in`` / ``proj_out``) is a matrix over channels and takes the same
+pair on ``[rows, C, H·W]`` views; other convs run block by block. Segments on every row or a row slice
+of a linear layer run ``mm`` + ``addmm_`` on 2-D views of the activations (no ``F.linear`` reshapes).
 
 Per row ``n`` it adds ``Σ_a w[n, a] · s_a · B_a(A_a(x[n]))``, as ``lowrank_delta`` does. A segment
 whose rows use one adapter runs that adapter's factors only (routing: no FLOPs on other adapters'
