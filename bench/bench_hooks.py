@@ -17,8 +17,9 @@ LoRA Composite: ``2k`` rows, block ``i`` (a cond and an uncond row) using adapte
 rows (Switch / AutoLoRA unmerged). ``Routing.set`` runs before every forward, as before every model call.
 
 Printed per k (medians of ``--runs`` rounds, each the mean of ``--calls`` forwards; bare and hooked interleaved):
-µs per layer call bare (``F.linear``'s module call) and hooked, the hook's own µs per layer, and hooked / bare. On
-cuda the clock stops after a ``torch.cuda.synchronize`` at the end of each round's calls.
+µs per layer call bare (``F.linear``'s module call) and hooked, the hook's own µs per layer, hooked / bare, and the
+dispatcher calls (aten ops) the hook adds per layer call (a noise-free count). On cuda the clock stops after a
+``torch.cuda.synchronize`` at the end of each round's calls.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main() -> None:
     print(f"hook host overhead — ComfyUI {env.version}, torch {torch.__version__}, {args.device}, "
           f"{args.threads} thread(s); {args.layers} Linear({WIDTH}, {WIDTH}) layers, rank {RANK}, "
           f"rows 2k, {TOKENS} tokens; medians of {args.runs} rounds × {args.calls} forwards")
-    print(f"{'k':>3} {'bare µs/layer':>14} {'hooked µs/layer':>16} {'hook µs/layer':>14} {'hooked / bare':>14}")
+    print(f"{'k':>3} {'bare µs/layer':>14} {'hooked µs/layer':>16} {'hook µs/layer':>14} {'hooked / bare':>14}"
+          f" {'hook ops':>12}")
     for k in (int(v) for v in args.ks.split(",")):
         model, adapters, routing, weights, x = build(env, args.layers, k, device)
 
@@ -120,7 +122,38 @@ def main() -> None:
             for h in ((False, True) if r % 2 == 0 else (True, False)):
                 (hooked if h else bare).append(timed(h))
         b, h = statistics.median(bare) * 1e6, statistics.median(hooked) * 1e6
-        print(f"{k:>3} {b:>14.2f} {h:>16.2f} {h - b:>14.2f} {h / b:>14.2f}")
+        ops = aten_ops_per_layer(model, adapters, forward, device, args.layers)
+        print(f"{k:>3} {b:>14.2f} {h:>16.2f} {h - b:>14.2f} {h / b:>14.2f} {ops:>12.1f}")
+
+
+def aten_ops_per_layer(model, adapters, forward, device, layers: int) -> float:
+    """Dispatcher calls per layer call that the hooks add (hooked forward minus bare, over ``layers``): a count
+    that no machine's noise changes, and on a GPU an upper bound of the kernel launches they add."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for hooked in (False, True):
+        if hooked:
+            adapters.install(model, device)
+        try:
+            with torch.inference_mode():
+                forward()  # the hooks prepare their factors at their first call: not counted
+                with Count() as counter:
+                    forward()
+            counts.append(counter.calls)
+        finally:
+            adapters.remove()
+    return (counts[1] - counts[0]) / layers
 
 
 if __name__ == "__main__":
