@@ -183,9 +183,13 @@ def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | Non
 def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Tensor:
     """ΔW of a patch list with core math, in fp32 on the CPU, from the weight as the layer computes with it: a
     quantized layer's (fp8 scaled) dequantized by its own ``convert_weight``, as core's patching does (DoRA's ΔW
-    depends on the weight's norm); see ``patching.delta_base`` for weights only their own pack can read."""
-    w32 = delta_base(base_model, key, patch_list).cpu()
-    return comfy.lora.calculate_weight(patch_list, w32.clone(), key) - w32
+    depends on the weight's norm); see ``patching.delta_base`` for weights only their own pack can read.
+
+    Computed where the weight is (on a GPU as core patches there, where this moved every weight to the CPU and did a
+    LoHa's or LoKr's products there), one layer's worth of scratch at a time; the result is kept on the CPU until a
+    hook casts it for the device it computes on (GPU memory as before). Not yet measured on a GPU."""
+    w32 = delta_base(base_model, key, patch_list)
+    return (comfy.lora.calculate_weight(patch_list, w32.clone(), key) - w32).cpu()
 
 
 def build_layer_plans(base_model, options: list[dict[str, list[tuple]]],
