@@ -325,7 +325,7 @@ class MergedSwapper:
         if not self._layers:  # the first activation: nothing swapped yet, so these are the originals
             self._layers = resolve_layers(self.base_model, self.keys)
             self.originals = {layer.key: layer.original for layer in self._layers}
-            self._capacity = max(layer.original.numel() for layer in self._layers)
+            self._capacity = max((layer.original.numel() for layer in self._layers), default=0)
         plan = _Plan()
         pending: list[tuple[_Layer, list]] = []  # single-term layers waiting to fill a group
         filled = 0  # their elements

@@ -293,6 +293,22 @@ def test_packed_upload_pins_only_up_to_its_limit(env, monkeypatch):
     assert pinned == [torch.float16]  # nothing pinned for the CPU
 
 
+@pytest.mark.parametrize("strategy", ["merged", "unmerged", "auto"])
+@pytest.mark.parametrize("node", ["LoraSetSwitch", "LoraSetComposite", "AutoLoraGuidance"])
+def test_text_encoder_only_loras_leave_the_unet_alone(env, setup, node, strategy):
+    """A set whose LoRAs patch no UNet weight (a text-encoder-only file) samples exactly as the base model; merged
+    runs failed with "max() arg is an empty sequence" (a swapper with no layers). Base weights bit-identical after."""
+    model, _, pos, neg = setup
+    te = lf.make_te_lora(build_sd15_clip(seed=92).cond_stage_model.state_dict(), seed=7)
+    te.save(env.models_dir / "loras" / "cp_te_only.safetensors")
+    before = weights_snapshot(model.model)
+    inputs = {**NODE_INPUTS.get(node, {}), "strategy": strategy}
+    patched = call_node(node, model=model, lora_set=lora_set(["cp_te_only.safetensors"]), **inputs)[0]
+    got = sample_model(patched, pos, neg, MODEL_CFG)
+    assert close(got, sample_model(model, pos, neg, MODEL_CFG))
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
 def test_composite_bad_input(env, setup):
     model, names, pos, neg = setup
     with pytest.raises(ValueError, match="entry_weights has 1 numbers but the set has 3"):
