@@ -60,7 +60,7 @@ def switch_and_reference(env, setup, sampler_name, schedule, every, strategy="au
     runs before the reference (whose core patching puts new Parameter objects into the model)."""
     model, names, pos, neg = setup
     schedules = env.engine("nodes.runtime.schedules")
-    sig = sigmas_for(model, 6)
+    sig = sigmas_for(model, STEPS)
     latent = torch.zeros(1, 4, 8, 8)
     import comfy.sample
     noise = comfy.sample.prepare_noise(latent, 3)
@@ -245,3 +245,67 @@ def test_dense_formats_switch_unmerged_equals_merged(env, setup):
     merged = run_custom(switch(model, s, 1, "paper", "merged"), "euler", sig, pos, neg, noise, latent)
     unmerged = run_custom(switch(model, s, 1, "paper", "unmerged"), "euler", sig, pos, neg, noise, latent)
     assert close(unmerged, merged, rel=1e-4)
+
+
+ONE_CALL_PER_STEP = ["dpmpp_2m", "uni_pc", "uni_pc_bh2", "deis", "ipndm", "ipndm_v", "lcm", "ddim", "res_multistep",
+                     "gradient_estimation", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_ancestral"]
+STEPS = 6
+
+
+def calls_per_step(sampler_name: str) -> list[int]:
+    """How many model calls each of the 6 steps makes, read off the sampler's code: one for most; heunpp2 (Heun++,
+    which also reads σ_0 and σ_{i+2}, so no one-step restart can reproduce it) makes 3, then 2 for the step before
+    the last, then 1."""
+    if sampler_name == "heunpp2":
+        return [3] * (STEPS - 2) + [2, 1]
+    return [1] * STEPS
+
+
+@pytest.mark.parametrize("sampler_name", ONE_CALL_PER_STEP + ["heunpp2"])
+def test_multistep_samplers_switch_at_their_steps(env, setup, sampler_name):
+    """Samplers that keep a history between steps or read the whole schedule (the step-by-step reference cannot
+    restart them): an independent reference is a guider whose model calls run the UNet with LoRA schedule(step)
+    baked in by core math, the step of each call read off the sampler's code (``calls_per_step``), not from the
+    runtime's probe. Same seed, same latents (1e-5)."""
+    import comfy.lora
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+
+    if sampler_name not in comfy.samplers.SAMPLER_NAMES:
+        pytest.skip(f"{sampler_name} is not in this ComfyUI")
+    model, names, pos, neg = setup
+    schedules = env.engine("nodes.runtime.schedules")
+    patching = env.engine("nodes.patching")
+    baked = []
+    for name in names:
+        copy = build_unet("sd15", seed=51)
+        for e, p in patching.resolve_set(copy, None, lora_set([name], [STRENGTHS[names.index(name)]])):
+            for key, plist in patching.model_patch_lists(e, p).items():
+                w = comfy.utils.get_attr(copy.model, key)
+                comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
+        copy.model.current_patcher = copy
+        baked.append(copy.model)
+    active = [schedules.switch_index(step, 3, 2, "paper")
+              for step, calls in enumerate(calls_per_step(sampler_name)) for _ in range(calls)]
+
+    class PerCall(comfy.samplers.CFGGuider):
+        calls = 0
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            m = baked[active[min(PerCall.calls, len(active) - 1)]]
+            PerCall.calls += 1
+            return comfy.samplers.sampling_function(m, x, timestep, self.conds.get("negative"),
+                                                    self.conds.get("positive"), self.cfg, model_options=model_options,
+                                                    seed=seed)
+
+    sig = sigmas_for(model, STEPS)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    got = run_custom(switch(model, lora_set(names, STRENGTHS), 2, "paper"), sampler_name, sig, pos, neg, noise, latent)
+    ref = PerCall(model)
+    ref.set_conds(pos, neg)
+    ref.set_cfg(4.0)
+    want = ref.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sig, disable_pbar=True, seed=3)
+    assert PerCall.calls == len(active), f"{sampler_name} made {PerCall.calls} model calls, not {len(active)}"
+    assert close(got, want), (got - want).abs().max().item()
