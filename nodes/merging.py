@@ -60,7 +60,9 @@ def original_weight(patcher, key: str) -> torch.Tensor:
 def layer_contributions(model, clip, lora_set: LoraSet) -> dict[str, tuple[object, list[Contribution]]]:
     """Per target key: (the patcher that owns it, every entry's patch with its effective strength)."""
     layers: dict[str, tuple[object, list[Contribution]]] = {}
+    text_encoder_only = True  # no entry patches the model: said so, rather than "every strength is 0"
     for entry, patches in resolve_set(model, clip, lora_set):
+        text_encoder_only = text_encoder_only and not patches.model
         owners = []
         if entry.strength_model != 0:
             for weight, group in group_by_block_weight(entry, patches.model).items():
@@ -74,6 +76,9 @@ def layer_contributions(model, clip, lora_set: LoraSet) -> dict[str, tuple[objec
                 key, patch = _whole_weight_patch(entry, owner, target, patch)
                 layers.setdefault(key, (owner, []))[1].append(Contribution(entry, patch, strength))
     if not layers:
+        if text_encoder_only and clip is None:
+            raise ValueError("lora_set: its LoRAs patch no weight of this model (text-encoder LoRAs?): connect the "
+                             "CLIP input to merge their text-encoder parts.")
         raise ValueError("lora_set: every strength or block weight is 0, nothing to merge.")
     return layers
 

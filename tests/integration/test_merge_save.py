@@ -81,6 +81,23 @@ def test_concat_refuses_loha(env, model, loras):
         _merge(model, _set([("m_a", 1.0), ("m_c", 1.0)]), "concat")
 
 
+def test_text_encoder_only_set_without_clip_says_so(env, model, loras):
+    """A set of text-encoder LoRAs merged without the CLIP input: the error says to connect it (it said "every
+    strength or block weight is 0", with strengths of 1); with the CLIP it merges."""
+    from harness.tiny_models import build_sd15_clip
+
+    clip = build_sd15_clip(seed=92)
+    lf.make_te_lora(clip.cond_stage_model.state_dict(), seed=7).save(env.models_dir / "loras" / "m_te.safetensors")
+    s = _set([("m_te", 1.0)])
+    with pytest.raises(ValueError, match="patch no weight of this model .* connect the CLIP input"):
+        _merge(model, s, "svd")
+    merged, _report = call_node("LoraSetMerge", model=model, lora_set=s, method="svd", rank=32, density=0.5, seed=0,
+                                clip=clip)
+    assert any(k.startswith("lora_te") for k in merged.entries[0].tensors())
+    with pytest.raises(ValueError, match="every strength or block weight is 0"):
+        _merge(model, _set([("m_a", 0.0)]), "svd")
+
+
 def test_svd_full_rank_is_exact_and_truncation_reports_error(env, model, loras):
     s = _set([("m_a", 1.0), ("m_b", 1.0), ("m_c", 1.0)])
     applied = _deltas(model, call_node("LoraSetApply", model=model, lora_set=s)[0])
