@@ -286,30 +286,22 @@ def _add_pointwise(prepared: PreparedLowRank, x: Tensor, out: Tensor, seg: RowSe
     False (nothing done) for other segments or layouts."""
     if not (x.is_contiguous() and out.is_contiguous()) or isinstance(seg.rows, Tensor):
         return False
-    if seg.blocks:
-        m = len(seg.blocks)
-        first, n = seg.blocks[0].adapter, x.shape[0]
-        if n % m:
-            return False
-        factors = prepared.pointwise_rows(first, m, n // m)
-        if factors is None:
-            return False
-        downs, ups = factors
-        h = torch.bmm(downs, x.view(n, x.shape[1], -1))
-        if seg.block_weights is not None:
-            h.view(m, n // m, *h.shape[1:]).mul_(seg.block_weights.view(m, 1, 1, 1))
-        out.view(n, out.shape[1], -1).baddbmm_(ups, h, alpha=seg.weight)
-        return True
-    if seg.adapter is None:
+    if seg.blocks:  # every row, block i using adapter first + i
+        first, m, rows_in, rows_out = seg.blocks[0].adapter, len(seg.blocks), x, out
+    elif seg.adapter is not None:
+        first, m = seg.adapter, 1
+        rows_in = x if seg.rows is None else x[seg.rows]
+        rows_out = out if seg.rows is None else out[seg.rows]
+    else:
         return False
-    rows_in = x if seg.rows is None else x[seg.rows]
-    rows_out = out if seg.rows is None else out[seg.rows]
     n = rows_in.shape[0]
-    factors = prepared.pointwise_rows(seg.adapter, 1, n)
+    factors = None if n % m else prepared.pointwise_rows(first, m, n // m)
     if factors is None:
         return False
     downs, ups = factors
     h = torch.bmm(downs, rows_in.view(n, x.shape[1], -1))
+    if seg.block_weights is not None:
+        h.view(m, n // m, *h.shape[1:]).mul_(seg.block_weights.view(m, 1, 1, 1))
     rows_out.view(n, out.shape[1], -1).baddbmm_(ups, h, alpha=seg.weight)
     return True
 

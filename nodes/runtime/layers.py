@@ -13,6 +13,7 @@ weight or bias) are named by :func:`unmerged_obstacle`; the binding then merges 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import comfy.lora
@@ -104,19 +105,10 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
 def _dense_delta_bytes(layer, options: list[dict[str, list[tuple]]]) -> int:
     """What ``build_layer_plans`` would hold for this layer as dense deltas: an fp32 ΔW per option whose patch list
     is not one plain LoRA (norm layers' and biases' deltas are the size of the parameter too)."""
-    shape = layer.original.shape
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    count = 0
-    for option in options:
-        patch_list = option.get(layer.key)
-        if not patch_list:
-            continue
-        plain = (layer.name == "weight" and len(patch_list) == 1 and norm_spec(layer.module) is None
-                 and as_lowrank(patch_list[0], layer.original) is not None)
-        count += 0 if plain else 1
-    return 4 * numel * count
+    norm = norm_spec(layer.module)
+    dense = sum(1 for option in options if option.get(layer.key) and (
+        layer.name != "weight" or _plain_lowrank(option[layer.key], layer.original, norm) is None))
+    return 4 * math.prod(layer.original.shape) * dense
 
 
 @dataclass
@@ -180,6 +172,12 @@ def as_lowrank(entry_patch: tuple, weight: torch.Tensor) -> LowRankAdapter | Non
     return LowRankAdapter(down=usable(down), up=usable(up), mid=None if mid is None else usable(mid), scale=scale)
 
 
+def _plain_lowrank(patch_list: list[tuple], weight: torch.Tensor, norm: NormSpec | None) -> LowRankAdapter | None:
+    """The factors the hooks run a weight's patch list as (one plain LoRA / LoCon on a layer that is no norm), or
+    None where it becomes an exact dense delta."""
+    return as_lowrank(patch_list[0], weight) if len(patch_list) == 1 and norm is None else None
+
+
 def exact_dense_delta(base_model, key: str, patch_list: list[tuple]) -> torch.Tensor:
     """ΔW of a patch list with core math, in fp32 on the CPU, from the weight as the layer computes with it: a
     quantized layer's (fp8 scaled) dequantized by its own ``convert_weight``, as core's patching does (DoRA's ΔW
@@ -215,12 +213,10 @@ def build_layer_plans(base_model, options: list[dict[str, list[tuple]]],
                 plan.bias_columns.append(column)
                 plan.bias.append(exact_dense_delta(base_model, key, patch_list))
                 continue
-            factors = None
-            if len(patch_list) == 1 and norm is None:
-                memo_key = (key, column, tuple(weight.shape), id(patch_list[0][1]))
-                factors = memo.get(memo_key)
-                if factors is None:
-                    factors = memo[memo_key] = as_lowrank(patch_list[0], weight)
+            memo_key = (key, column, tuple(weight.shape), id(patch_list[0][1]))
+            factors = memo.get(memo_key)
+            if factors is None:
+                factors = memo[memo_key] = _plain_lowrank(patch_list, weight, norm)
             if factors is not None:
                 plan.lowrank_columns.append(column)
                 plan.lowrank.append(factors)
