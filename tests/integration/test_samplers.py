@@ -9,24 +9,19 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set
-from harness.sampling import run_custom, sigmas_for
-from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
+from harness.sampling import cat_conds, run_custom, sigmas_for
+from harness.tiny_models import build_unet, weights_snapshot
 
 REL = 1e-4  # merged vs unmerged: float summation order only (1e-7 measured); SDE / adaptive samplers amplify it
 
 
 @pytest.fixture(scope="module")
 def setup(env):
-    model, clip = build_unet("sd15", seed=51), build_sd15_clip(seed=92)
+    model = build_unet("sd15", seed=51)
     sd = model.model.state_dict()
-    names = []
-    for i in range(2):
-        lora = lf.make_lora(sd, lf.pick_targets(sd, ("attn", "proj")), "kohya", rank=2, seed=90 + i).amplified(4)
-        lora.save(env.models_dir / "loras" / f"smp_{i}.safetensors")
-        names.append(f"smp_{i}.safetensors")
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
-    return model, names, pos, neg
+    names = lf.save_strong_loras(sd, lf.pick_targets(sd, ("attn", "proj")), env.models_dir / "loras", "smp",
+                                 seeds=(90, 91), ranks=(2, 2))
+    return (model, names, *cat_conds())
 
 
 def test_every_sampler_runs_switch_and_composite_in_both_strategies(env, setup):
