@@ -38,6 +38,7 @@ from .unmerged import Routing, UnmergedAdapters, lowrank_upload
 
 
 STRATEGIES = ("auto", "merged", "unmerged", "merged-lowvram")
+RUNS_KEPT = 32  # per-run diagnostics an AdapterRuntime keeps (history, strategies, forwards)
 MERGED = ("merged", "merged-lowvram")  # the strategies that rewrite the model's weights during a run
 _ids = itertools.count()
 log = logging.getLogger("LoRA Composer")
@@ -103,9 +104,10 @@ class AdapterRuntime:
         self.free_memory = free_memory or mm.get_free_memory
         self.key = f"lora_composer.{label}.{next(_ids)}"
         self.run: RunState | None = None
-        self.history: list[list[int]] = []  # steps seen per finished run (diagnostics and tests)
-        self.strategies: list[str] = []  # the strategy each run used
-        self.forwards: list[int] = []  # network evaluations per finished run
+        # per finished run, oldest first, the last RUNS_KEPT runs (diagnostics and tests)
+        self.history: list[list[int]] = []  # steps seen
+        self.strategies: list[str] = []  # the strategy used
+        self.forwards: list[int] = []  # network evaluations
         self._terms: LowRankTerms | None = None  # see low_rank_terms
         # unmerged runs: the factors in the hooks' form, and their page-locked packed copy, made at the first run
         self._lowrank_memo: dict = {}
@@ -313,9 +315,10 @@ class AdapterRuntime:
                 _SWAPPING.pop(id(base_model), None)
             if run.hooks is not None:
                 run.hooks.remove()
-            self.strategies.append(strategy)
-            self.history.append(run.steps_seen)
-            self.forwards.append(run.forwards)
+            for log, value in ((self.strategies, strategy), (self.history, run.steps_seen),
+                               (self.forwards, run.forwards)):
+                log.append(value)
+                del log[:-RUNS_KEPT]  # ComfyUI may cache this node's output for a whole session: stay bounded
             self.run = None
 
     def activate(self, option) -> None:

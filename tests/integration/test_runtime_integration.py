@@ -162,6 +162,20 @@ def test_step_structure_of_multi_evaluation_samplers(env, setup, sampler_name, e
     assert runtime.history[-1] == expected
 
 
+def test_per_run_diagnostics_stay_bounded(env, setup, monkeypatch):
+    """ComfyUI keeps a node's output (and so its runtime) cached across prompts: the per-run records keep the last
+    RUNS_KEPT runs, oldest dropped first."""
+    model, _, names, pos, neg = setup
+    binding = env.engine("nodes.runtime.binding")
+    monkeypatch.setattr(binding, "RUNS_KEPT", 2)
+    composition = env.engine("nodes.composition")
+    sw, _, runtime, _ = composition.switch_lora_set(model, None, lora_set(names), 1, "paper")
+    for steps in (2, 3, 4):
+        sample(sw, pos, neg, steps=steps)
+    assert runtime.history == [[0, 1, 2], [0, 1, 2, 3]]
+    assert len(runtime.forwards) == 2 and runtime.strategies == ["merged", "merged"]
+
+
 @pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
 def test_mismatched_architectures_are_refused(env, setup, node):
     model, _, names, _, _ = setup
