@@ -144,6 +144,15 @@ def relative_difference(a, b) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
 
 
+def abort_on_non_finite(outputs: dict) -> None:
+    """Stop the benchmark when a method's warm-up output holds NaN / inf: its timings would compare runs nobody
+    would use, and the correctness guards could not hold (an fp16 model whose activations overflow did that)."""
+    bad = [cfg for cfg, out in outputs.items() if not out.isfinite().all()]
+    if bad:
+        raise SystemExit(f"ERROR: non-finite outputs from {', '.join(map(str, bad))}: no timing reported (a model "
+                         "or LoRA that overflows this dtype is not a benchmark)")
+
+
 class RunMeter:
     """Wall and process-CPU clocks around one run; on CUDA they wait for the GPU at both ends, and the run's
     peak of ``torch.cuda.max_memory_allocated`` (whole process, model included) is recorded as well. ``host``: the

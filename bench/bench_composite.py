@@ -94,7 +94,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
+    SD15_LAYOUT, RunLog, abort_on_non_finite, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
     fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, profile_one_run,
     relative_difference, reset_peak_rss, runs_described, select_device, setup_process, start_sampling_bench,
     time_steady, trace_sampling, unet_dtype)
@@ -443,7 +443,7 @@ def child_main(args) -> None:
     """One method run in a fresh process (or only the setup, for ``baseline``); prints one JSON line."""
     env = comfy_env.start(models_dir=Path(args.models_dir), quiet=False)
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args),
-                                   dtype=unet_dtype(args))
+                                   dtype=unet_dtype(args), fan_in=True)
     methods = Methods(env, model, args, Path(args.models_dir) / "loras")
     methods.warm_caches(lora_names(args.mem_k))
     freeze_gc()
@@ -634,11 +634,7 @@ def fit_k_list(args, fwd: float, elapsed: float) -> None:
 
 def check_outputs(args, outputs: dict, ks) -> None:
     """Correctness guards on the warm-up outputs (same seed, sigmas and conds for every method)."""
-    import torch
-
-    for cfg, out in outputs.items():
-        if not torch.isfinite(out).all():
-            print(f"WARNING: {cfg} produced non-finite values")
+    abort_on_non_finite(outputs)
 
     def guard(name, a, b, what):
         if a not in outputs or b not in outputs:
@@ -776,7 +772,7 @@ def main() -> None:
     t_start = time.perf_counter()
     env, models_dir = start_sampling_bench(args, "LoRA Composite / AutoLoRA benchmark", "composite")
     model = tiny_models.build_unet("sd15", seed=0, config_overrides=model_config(args),
-                                   dtype=unet_dtype(args))
+                                   dtype=unet_dtype(args), fan_in=True)
     n_params = sum(t.numel() for t in model.model.diffusion_model.parameters())
     model_sd = model.model.state_dict()
     n_loras = max(args.ks, default=1)

@@ -72,7 +72,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the `harness` package
 
 from bench_common import (  # noqa: E402
-    SD15_LAYOUT, RunLog, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
+    SD15_LAYOUT, RunLog, abort_on_non_finite, RunMeter, SamplingMethods, add_budget_argument, add_device_arguments, add_timing_argument,
     fmt_row, freeze_gc, guard_verdict, lora_targets, out_of_budget, proc_status as _proc_status, profile_one_run,
     relative_difference, reset_peak_rss as _reset_peak_rss, runs_described, select_device, setup_process,
     start_sampling_bench, time_steady, trace_sampling, unet_dtype)
@@ -131,7 +131,7 @@ def build_model(args):
     model_config = SD15Bench(config)
     model_config.set_inference_dtype(unet_dtype(args), None)
     model = model_config.get_model({}, device=torch.device("cpu"))
-    tiny_models.init_weights_(model.diffusion_model, 0)
+    tiny_models.init_weights_(model.diffusion_model, 0, fan_in=True)  # finite in fp16 at any width
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
@@ -675,11 +675,7 @@ def print_cuda_peaks(peaks: dict, unmerged_ranks) -> None:
 
 def check_outputs(args, outputs: dict, unmerged_ranks) -> None:
     """Correctness guard on the warm-up outputs (same seed and schedule for every method)."""
-    import torch
-
-    for cfg, out in outputs.items():
-        if not torch.isfinite(out).all():
-            print(f"WARNING: {cfg} produced non-finite values")
+    abort_on_non_finite(outputs)
     for rank in RANKS:
         o = {m: outputs[("main", m, rank)] for m in METHODS if ("main", m, rank) in outputs}
         if "D" not in o:

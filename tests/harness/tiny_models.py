@@ -28,20 +28,27 @@ SDXL_TINY = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_chann
 SDXL_SAMPLING_OVERRIDES = {"num_classes": "sequential", "context_dim": 128}
 
 
-def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
-    """comfy.ops layers are created uninitialised (reset_parameters is a no-op): fill them."""
+def init_weights_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05, fan_in: bool = False) -> None:
+    """comfy.ops layers are created uninitialised (reset_parameters is a no-op): fill them.
+
+    ``fan_in``: matrices and kernels get std 1 / √fan-in instead of ``scale`` (biases keep ``scale``), so activations
+    stay O(1) however wide the model is. The benchmarks' 859 M-parameter UNet (320 channels) overflowed fp16 with the
+    fixed scale — a 1×1 skip conv over 2560 channels grows its input 2.5× — and sampled NaNs in half precision; the
+    tiny test models keep the fixed scale their tolerances and LoRA strengths were chosen for."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("norm.weight") or ".norm" in name and name.endswith(".weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                std = p[0].numel() ** -0.5 if fan_in and p.dim() >= 2 and p.numel() else scale
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | None = None,
-               dtype: torch.dtype = torch.float32):
-    """A ModelPatcher over a tiny ``BaseModel`` of the given family (``sd15`` or ``sdxl``)."""
+               dtype: torch.dtype = torch.float32, fan_in: bool = False):
+    """A ModelPatcher over a tiny ``BaseModel`` of the given family (``sd15`` or ``sdxl``); ``fan_in``: see
+    ``init_weights_`` (the benchmarks' models)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -52,7 +59,7 @@ def build_unet(family: str = "sd15", seed: int = 0, config_overrides: dict | Non
     model_config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=torch.device("cpu"))
-    init_weights_(model.diffusion_model, seed)
+    init_weights_(model.diffusion_model, seed, fan_in=fan_in)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
