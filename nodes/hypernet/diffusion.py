@@ -60,14 +60,17 @@ def _autograd_safe(module: nn.Module) -> dict[str, torch.Tensor]:
     (every model ComfyUI loads in a graph), also after ComfyUI moved them to the GPU (``autograd_alias``).
 
     A plain tensor gets a zero-copy alias (a normal tensor on the same storage); tensor subclasses
-    (quantised weights) are cloned.
+    (quantised weights) are cloned. Parameters autograd does track (a model built with autograd on, outside
+    ComfyUI's executor) are detached: the loss must reach the hypernet only, not fill a ``.grad`` per base weight
+    (a whole UNet's worth of memory, and a weight backward each step).
     ``functional_call`` substitutes them for the run only; the module itself is never modified.
     """
     safe = {}
     for name, p in module.named_parameters():
         if not untracked_by_autograd(p):
-            continue
-        safe[f"base.{name}"] = alias(p) if aliasable(p) else p.detach().clone()
+            safe[f"base.{name}"] = p.detach()
+        else:
+            safe[f"base.{name}"] = alias(p) if aliasable(p) else p.detach().clone()
     return safe
 
 

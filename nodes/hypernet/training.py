@@ -127,14 +127,23 @@ def encode_image_tokens(clip_vision, path: str, source: str) -> torch.Tensor:
     return tokens[0].detach().to("cpu", torch.float32).clone()
 
 
-def raw_latents(example: ExampleFiles, vae) -> tuple[torch.Tensor, ...]:
-    """Raw latents of the example's images: from its ``.latent`` files, else from the VAE."""
+def raw_latents(example: ExampleFiles, vae, channels: int) -> tuple[torch.Tensor, ...]:
+    """Raw latents of the example's images: from its ``.latent`` files, else from the VAE; ``channels``: what the
+    model's latents have (a latent of another model family is refused here, not deep inside the UNet)."""
     if example.latents is not None:
-        return tuple(read_latent(p) for p in example.latents)
-    if vae is None:
+        latents = tuple(read_latent(p) for p in example.latents)
+        sources = [os.path.basename(p) for p in example.latents]
+    elif vae is None:
         raise ValueError(f"the diffusion loss needs latents: connect a VAE, or put {example.name}.latent "
                          "('Save Latent' files) next to each example.")
-    return tuple(vae.encode(read_image(p)[:, :, :, :3]).detach().float().cpu().clone() for p in example.images)
+    else:
+        latents = tuple(vae.encode(read_image(p)[:, :, :, :3]).detach().float().cpu().clone() for p in example.images)
+        sources = [f"{os.path.basename(p)} (VAE output)" for p in example.images]
+    for latent, source in zip(latents, sources):
+        if latent.shape[1] != channels:
+            raise ValueError(f"{source}: a {latent.shape[1]}-channel latent; the connected model uses "
+                             f"{channels}-channel latents (encode with this model's VAE).")
+    return latents
 
 
 def prepare_data(examples: list[ExampleFiles], spec: LidbSpec, basis: LidbBasis, variant: str, source: str,
@@ -153,7 +162,8 @@ def prepare_data(examples: list[ExampleFiles], spec: LidbSpec, basis: LidbBasis,
     energy_scale = float(projected.mean())
     if energy_scale <= 0:
         raise ValueError("every target LoRA projects to zero on the LiDB layers (all-zero LoRAs?); nothing to learn.")
-    latents = [raw_latents(e, vae) for e in examples] if need_latents else [None] * len(examples)
+    channels = model.model.latent_format.latent_channels
+    latents = [raw_latents(e, vae, channels) for e in examples] if need_latents else [None] * len(examples)
     return TrainingData([e.name for e in examples], first, second, a, b, energy_scale, latents, targets)
 
 
@@ -359,6 +369,10 @@ def train_hypernet(*, clip_vision, model, folder: str, variant: str, settings: T
             if resume.config.variant != variant:
                 raise ValueError(f"resume: {resume.name} is a {resume.config.variant!r} hypernet, not {variant!r}.")
             check_model_fits(resume, model, clip)
+            text_layers = sum(layer.is_text_encoder for layer in resume.spec.layers)
+            if text_layers and clip is None:  # (its training LoRAs would look incomplete without the CLIP's layers)
+                raise ValueError(f"resume: {resume.name} trains {text_layers} text-encoder layers; connect the CLIP "
+                                 "it was trained with.")
             network = build_network(resume.config, resume.spec)
             network.load_state_dict(resume.network.state_dict())
             source = resume.config.feature_source

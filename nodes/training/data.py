@@ -154,6 +154,12 @@ def check_latents(latents, latent_channels: int, input_name: str) -> torch.Tenso
                          f"{latent_channels}-channel latents (encode the images with this model's VAE).")
     if samples.shape[0] == 0:
         raise ValueError(f"{input_name} is empty (0 latents).")
+    finite = samples.isfinite().flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(f"{input_name} contains NaN or infinite values (latent{'s' if len(bad) > 1 else ''} "
+                         f"{', '.join(map(str, bad[:8]))}{' …' if len(bad) > 8 else ''} of {samples.shape[0]}): "
+                         "training on them would only diverge; re-encode or drop those.")
     return samples.detach().float().cpu().clone()
 
 

@@ -30,7 +30,7 @@ def generate_class_latents(model, clip, class_prompt: str, count: int, latent_sh
         for start in range(0, count, batch_size):
             n = min(batch_size, count - start)
             empty = torch.zeros((n, *latent_shape))
-            image_seed = seed + CLASS_SEED_OFFSET + start
+            image_seed = (seed + CLASS_SEED_OFFSET + start) % 2**64  # the seed input goes up to 2^64 - 1
             noise = comfy.sample.prepare_noise(empty, image_seed)
             samples = comfy.sample.sample(model, noise, steps, CLASS_CFG, CLASS_SAMPLER, CLASS_SCHEDULER, positive,
                                           negative, empty, disable_pbar=True, seed=image_seed)

@@ -252,6 +252,11 @@ def _train(inputs: TrainingInputs, c: TrainingConfig) -> TrainingResult:
     ranks, rank_notes = layer_ranks(targets, c.rank, c.targets)
     notes.extend(rank_notes)
     alpha = c.alpha if c.alpha > 0 else float(c.rank)
+    if c.parameterisation == pz.LIDB:  # its factors are saved with alpha = rank (scale 1): say so, record that
+        if alpha != c.rank:
+            notes.append(f"alpha {c.alpha:g} is not used by LiDB (its saved factors carry alpha = rank {c.rank}, "
+                         "scale 1).")
+        alpha = float(c.rank)
     relaxed = c.parameterisation == pz.RANK_RELAXED
     if relaxed and (inputs.initial_lora is None or len(inputs.initial_lora) == 0):
         raise ValueError("parameterisation 'rank-relaxed from initial LoRA' needs initial_lora (a LORA_SET, e.g. "

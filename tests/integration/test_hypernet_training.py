@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from harness import hypernet_synthetic as hs
 from harness.node_calls import call_node
-from harness.tiny_models import build_sd15_clip, build_unet, emulate_gpu_loads, patched_weights
+from harness.tiny_models import build_sd15_clip, build_unet, emulate_gpu_loads, patched_weights, weights_snapshot
 
 CURVE = [(t, 0.8 * math.sin(2.5 * t)) for t in torch.linspace(-1, 1, 16).tolist()]
 HELD_OUT = (2, 6, 9, 13)
@@ -245,6 +245,18 @@ def test_training_with_diffusion_loss_from_latents_and_clip(hn, world):
     assert "diffusion loss (this run)" in report
 
 
+def test_diffusion_loss_leaves_no_gradient_in_the_base_model(hn, world):
+    """A MODEL whose weights autograd tracks (built outside ComfyUI's executor, as here): the loss reaches the
+    hypernet only — before, every UNet parameter got a .grad (a UNet's worth of memory) and a weight backward."""
+    folder = _subject_folder(world, "grad_free", indices=[0, 5], latents=True)
+    tracked = [p for p in world.model.model.parameters() if p.requires_grad]
+    assert tracked, "the fixture's model must have autograd-tracked weights for this test to mean anything"
+    before = weights_snapshot(world.model.model)
+    _train(world, folder, steps=2, diffusion_loss=1.0, model_dim=16, iterations=1, checkpoint_name="test/grad_free")
+    assert all(p.grad is None for p in world.model.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(world.model.model).items())
+
+
 def test_pair_training_with_reverse_diffusion_term(hn, world):
     folder = world.tmp / "pair_latents"
     folder.mkdir()
@@ -320,6 +332,8 @@ def test_text_encoder_layers_train_and_apply(hn, world):
     unet_only = _subject_folder(world, "no_te", indices=[0])
     with pytest.raises(ValueError, match="does not cover 8 of the 64 LiDB target layers"):
         _train(world, unet_only, steps=1, clip=clip, include_text_encoder=True, model_dim=16, iterations=1)
+    with pytest.raises(ValueError, match="resume: te_\\d+ trains 8 text-encoder layers; connect the CLIP"):
+        _train(world, folder, steps=1, model_dim=16, iterations=1, resume=hypernet.path.split("lora_hypernets/")[-1])
 
 
 @pytest.mark.parametrize("case, match", [
@@ -330,6 +344,7 @@ def test_text_encoder_layers_train_and_apply(hn, world):
     ("partial_lora", "does not cover 42 of the 56 LiDB target layers"),
     ("unreadable_lora", "training LoRA broken.safetensors"),
     ("no_latents", "the diffusion loss needs latents: connect a VAE, or put s00.latent"),
+    ("latent_channels", "s00.latent: a 16-channel latent; the connected model uses 4-channel latents"),
     ("resume_variant", "is a 'image' hypernet, not 'pair'"),
     ("nothing_to_train", "nothing to train"),
     ("te_without_clip", "include_text_encoder needs a CLIP"),
@@ -352,10 +367,13 @@ def test_bad_training_input(hn, world, trained, case, match):
             hs.save_kohya({k: v for k, v in factors.items() if k.endswith("to_q.weight")}, folder / "s00.safetensors")
         else:
             (folder / "broken.safetensors").write_bytes(b"not safetensors")
-    elif case in ("no_latents", "resume_variant", "nothing_to_train", "te_without_clip"):
-        folder = _subject_folder(world, f"bad_{case}", indices=[0])
-        if case == "no_latents":
+    elif case in ("no_latents", "latent_channels", "resume_variant", "nothing_to_train", "te_without_clip"):
+        folder = _subject_folder(world, f"bad_{case}", indices=[0], latents=case == "latent_channels")
+        if case in ("no_latents", "latent_channels"):
             overrides["diffusion_loss"] = 1.0
+            if case == "latent_channels":  # an SD3 / Flux latent beside an SD1.5 model: refused before the UNet
+                save_file({"latent_tensor": torch.randn(1, 16, 8, 8), "latent_format_version_0": torch.tensor([])},
+                          str(folder / "s00.latent"))
         elif case == "resume_variant":
             overrides.update(variant="pair", resume=trained.hypernet.path.split("lora_hypernets/")[-1])
             (folder / "s00.png").rename(folder / "s00_before.png")

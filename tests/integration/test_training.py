@@ -8,6 +8,8 @@ factory's formula deltas, ``torch.linalg.svdvals`` (Eckart–Young), ``nodes/hyp
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -298,7 +300,7 @@ def test_lidb_trains_in_the_hypernet_weight_space(env, eng, sd15):
     model, clip = sd15
     result = eng.train.train_lora(inputs(eng, model, clip, synthetic_latents(seed=4)),
                                   config(eng, parameterisation="LiDB", rank=1, lidb_down_dim=8, lidb_up_dim=4,
-                                         steps=3, seed=9, targets="attention"))
+                                         steps=3, seed=9, targets="attention", alpha=16.0))
     param = result.parameterisation
     spec = eng.lidb.lidb_spec_for_model(model, rank=1, down_dim=8, up_dim=4, base_seed=9)
     assert param.spec.layers == spec.layers, "same layers and aux seeds as the hypernetwork's spec"
@@ -312,6 +314,9 @@ def test_lidb_trains_in_the_hypernet_weight_space(env, eng, sd15):
         assert torch.equal(tensors[f"{names[key]}.lora_down.weight"], down.float())
         assert float(tensors[f"{names[key]}.alpha"]) == 1.0
     assert any(float(up.abs().max()) > 0 for up, _ in factors.values())
+    # alpha does not apply to LiDB: the report says so and the metadata records what the file carries
+    assert "alpha 16 is not used by LiDB" in result.report
+    assert json.loads(result.lora_set.entries[0].metadata()["lora_composer_training"])["alpha"] == 1.0
 
 
 def test_text_encoder_targets_train_the_clip(env, eng, sd15):

@@ -70,6 +70,24 @@ def test_latents_of_another_model_family(eng, sd15):
         run(eng, *sd15, latents=torch.zeros(1, 16, 8, 8))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_latents_are_refused_before_training(eng, sd15, bad):
+    """A NaN in the data used to surface as "the training loss became nan … lower learning_rate" at step 1."""
+    latents = synthetic_latents(n=3)
+    latents[1, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"instance_latents contains NaN or infinite values \(latent 1 of 3\)"):
+        run(eng, *sd15, latents=latents)
+
+
+def test_class_images_from_the_largest_seed(env, sd15):
+    """The seed input allows 2^64 - 1; the class images' seeds (seed + offset + index) wrap instead of overflowing
+    torch's generator ("Overflow when unpacking long long")."""
+    prior = env.engine("nodes.training.prior")
+    model, clip = sd15
+    top = prior.generate_class_latents(model, clip, "a dog", 2, (4, 8, 8), 1, seed=2**64 - 1, batch_size=1)
+    assert top.shape == (2, 4, 8, 8) and top.isfinite().all() and not torch.equal(top[0], top[1])
+
+
 def test_folder_outside_the_input_directory(eng, sd15):
     with pytest.raises(ValueError, match="must be a folder inside ComfyUI's input directory"):
         run(eng, *sd15, latents=False, image_folder="../models")
