@@ -30,6 +30,11 @@ class BlockFilter:
                 best_len, best = len(prefix), weight
         return best
 
+    @property
+    def changes_nothing(self) -> bool:
+        """Every block at weight 1 (the 'all' preset, or rules such as '*=1'): the entry is the plain LoRA."""
+        return self.default == 1.0 and all(weight == 1.0 for _, weight in self.rules)
+
     def describe(self) -> str:
         rules = ", ".join(f"{p}={w:g}" for p, w in self.rules)
         return f"{self.label}: {rules}; other blocks={self.default:g}"

@@ -149,7 +149,7 @@ def guess_base_model(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     physically fits; where they leave it open (a UNet file without cross-attention layers, unknown keys) the family its
     metadata names (ModelSpec / sd-scripts), marked as such."""
     guess = _guess_from_keys(tensors)
-    if guess.startswith(("SD1.x/SD2.x", "unknown")):
+    if guess.startswith(("SD1.x/SD2.x", "unknown")) or guess == UNET_OPEN:
         stated = base_model_from_metadata(metadata)
         if stated is not None:
             return f"{stated} (from its metadata)"
@@ -178,15 +178,35 @@ def _guess_from_keys(tensors: dict[str, torch.Tensor]) -> str:
         return "Flux"
     if "joint_blocks" in joined or "transformer.transformer_blocks" in joined and "context_block" in joined:
         return "SD3"
-    if re.search(r"(lora_te2_|text_encoder_2\.|input_blocks_[78]|input_blocks\.[78]|conditioner)", joined):
+    if re.search(r"lora_te2_|text_encoder_2\.|conditioner", joined):
         return "SDXL"
     # attn2.to_k reads the text context: 768 (SD1.x), 1024 (SD2.x), 2048 (SDXL).
     ctx = _first_matching_shape(tensors, r"attn2[._]to_k$", _DOWN_SUFFIXES + (".hada_w1_b",))
-    if ctx is not None:
-        return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(ctx, f"unknown (cross-attention width {ctx})")
-    if re.search(r"lora_unet_|down_blocks|input_blocks|lora_te_", joined):
+    if ctx in _CONTEXT_FAMILIES:
+        return _CONTEXT_FAMILIES[ctx]
+    if re.search(_SDXL_LAYOUT, joined):
+        return "SDXL"
+    if re.search(_SD1_LAYOUT, joined):
         return "SD1.x/SD2.x (UNet)"
+    if ctx is not None:
+        return f"unknown (cross-attention width {ctx})"
+    if re.search(r"lora_unet_|down_blocks|input_blocks|lora_te_", joined):
+        return UNET_OPEN
     return "unknown"
+
+
+_CONTEXT_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+# Where the UNets' attention sits (attention blocks' module names, sgm and diffusers forms). SDXL: transformer depth 2
+# and 10, attention in output_blocks 0-5 / up_blocks 0-1, none at the first level. SD1.x / SD2.x: depth 1, attention
+# in input_blocks 1-2 / down_blocks 0 and output_blocks 3-11, none in up_blocks 0. (input_blocks 7 and 8 hold attention
+# in both: an SD1.5 file saved with sgm names was called SDXL by them.)
+_ATTENTION = r"[._](transformer_blocks|proj_in|proj_out|norm)"
+_SDXL_LAYOUT = (r"blocks?([._]\d+)?[._](1|attentions[._]\d+)[._]transformer_blocks[._][1-9]"  # a UNet block's
+                r"|output_blocks[._][0-2][._]1" + _ATTENTION
+                + r"|up_blocks[._]0[._]attentions")
+_SD1_LAYOUT = (r"input_blocks[._][12][._]1" + _ATTENTION + r"|output_blocks[._]([6-9]|1[01])[._]1" + _ATTENTION
+               + r"|down_blocks[._]0[._]attentions")
+UNET_OPEN = "an SD UNet (SD1.x, SD2.x or SDXL: its layers do not tell which)"
 
 
 def trigger_words(metadata: dict[str, str], limit: int = 12) -> list[str]:
@@ -238,12 +258,16 @@ def _span(values: list) -> str:
     return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
 
 
-def summarize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraSummary:
+def summarize(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+              file_keys: list[str] | None = None) -> LoraSummary:
+    """``tensors`` with their keys normalised (``lora_keys.normalize_keys``); ``file_keys``: the names as the file
+    spells them, which is what the key style describes (normalising rewrites B-LoRA's and PEFT's prefixes)."""
     groups = group_modules(tensors)
     types = Counter(module_network_type(p) for p in groups.values())
     ranks = sorted({r for p in groups.values() if (r := module_rank(p)) is not None})
     alphas = sorted({float(p[".alpha"].float().item()) for p in groups.values() if ".alpha" in p})
     te = sum(1 for prefix in groups if TEXT_ENCODER_PREFIX.match(prefix))
-    return LoraSummary(network_types=dict(types), key_style=detect_key_style(list(tensors)), ranks=ranks,
+    style = detect_key_style(list(tensors) if file_keys is None else file_keys)
+    return LoraSummary(network_types=dict(types), key_style=style, ranks=ranks,
                        alphas=alphas, base_model=guess_base_model(tensors, metadata), triggers=trigger_words(metadata),
                        module_count=len(groups), text_encoder_modules=te)

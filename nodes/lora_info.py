@@ -8,7 +8,8 @@ from .patching import model_family, resolve_entry, state_shapes
 
 
 def describe_entry(entry: LoraEntry, model=None, clip=None) -> str:
-    summary = summarize(normalize_keys(entry.tensors()), entry.metadata())
+    tensors = entry.tensors()
+    summary = summarize(normalize_keys(tensors), entry.metadata(), file_keys=list(tensors))
     head = f"{entry.name} (model {entry.strength_model:g}, clip {entry.strength_clip:g})"
     if entry.blocks is not None:
         head += f" [blocks {entry.blocks.describe()}]"

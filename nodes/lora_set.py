@@ -73,7 +73,10 @@ class LoraSet:
 
 
 def check_strength(value: float, input_name: str) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{input_name} must be a number, got {value!r}.") from None
     if not math.isfinite(value) or abs(value) > STRENGTH_LIMIT:
         raise ValueError(f"{input_name} must be a finite number in [-{STRENGTH_LIMIT:g}, {STRENGTH_LIMIT:g}], got {value}.")
     return value

@@ -170,6 +170,40 @@ def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
     return True
 
 
+def broken_module(patch, weight_shape: torch.Size) -> str | None:
+    """What makes a low-rank module unusable on its own terms (None if nothing): factors whose ranks disagree, rank
+    0, a DoRA scale of neither the weight's output nor input size. Core's loader logs an error for such a layer and
+    skips it while the rest applies, so the report would call it patched; we refuse the file, naming the layer."""
+    name = getattr(patch, "name", None)
+    weights = getattr(patch, "weights", ())
+    try:
+        if name == "lora":
+            up, down, _alpha, mid = weights[:4]
+            dora_scale = weights[4] if len(weights) > 4 else None
+            if not up.ndim or not down.ndim or up.ndim < 2 or down.shape[0] == 0 or up.shape[1] == 0:
+                return (f"rank 0 (up {_dims(up)}, down {_dims(down)})" if up.ndim >= 2 and down.ndim
+                        else f"up {_dims(up)} / down {_dims(down)} are not matrices")
+            if mid is None and up.shape[1] != down.shape[0]:
+                return f"up {_dims(up)} has {up.shape[1]} columns but down {_dims(down)} has {down.shape[0]} rows"
+            if mid is not None and (mid.ndim < 2 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]):
+                return f"mid {_dims(mid)} does not join up {_dims(up)} and down {_dims(down)}"
+            if dora_scale is not None and dora_scale.numel() not in (weight_shape[0], weight_shape[1:].numel()):
+                return (f"dora_scale {_dims(dora_scale)} fits neither the weight's {weight_shape[0]} outputs nor "
+                        f"its {weight_shape[1:].numel()} inputs")
+        elif name == "loha":
+            w1a, w1b, _alpha, w2a, w2b = weights[:5]
+            for a, b, which in ((w1a, w1b, "hada_w1"), (w2a, w2b, "hada_w2")):
+                if a.ndim < 2 or b.ndim < 1 or a.shape[1] == 0 or a.shape[1] != b.shape[0]:
+                    return f"{which}_a {_dims(a)} and {which}_b {_dims(b)} do not share a rank"
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return None
+
+
+def _dims(tensor) -> str:
+    return "×".join(map(str, getattr(tensor, "shape", ()))) or "scalar"
+
+
 def keys_present(key_map: dict, tensors: dict) -> dict:
     """The part of ``key_map`` that can match anything in ``tensors``, in ``key_map``'s order.
 
@@ -210,6 +244,12 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     mismatched: list[str] = []
     for target, patch in patches.items():
         key = _target_name(target)
+        shape = model_sd.get(key) if key in model_sd else (clip_sd or {}).get(key)
+        shape = None if shape is None else _patched_shape(target, shape)  # a fused weight's slice: the slice's
+        problem = None if shape is None else broken_module(patch, shape)
+        if problem is not None:
+            raise LoraMismatchError(f"{entry.name}: the module for {key} is broken: {problem}. Nothing was applied "
+                                    "(ComfyUI's own loader would skip this layer with an error line).")
         if key in model_sd:
             if not _fits(patch, target, model_sd[key]):
                 mismatched.append(key)
@@ -223,7 +263,7 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     accepted = {_target_name(t) for t in (*result.model, *result.clip, *mismatched)}
     for prefix in groups:
         target = key_map.get(prefix)
-        if target is not None and _target_name(target) in accepted:
+        if target is not None and _module_accepted(_target_name(target), accepted):
             continue
         if clip_sd is None and TEXT_ENCODER_PREFIX.match(prefix):
             result.text_encoder_ignored += 1
@@ -243,6 +283,14 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
             f"(the file looks made for {guess_base_model(tensors, entry.metadata())}; first keys: {shown}). "
             "Nothing was applied.")
     return result
+
+
+def _module_accepted(weight_key: str, accepted: set[str]) -> bool:
+    """Whether a module's patches were taken: its weight's, or only its bias's (a ``diff_b`` / ``b_norm`` module that
+    leaves the weight alone — it was reported unmatched, with a warning, while it applied)."""
+    if weight_key in accepted:
+        return True
+    return weight_key.endswith(".weight") and weight_key[:-len("weight")] + "bias" in accepted
 
 
 def linear_like(module: torch.nn.Module) -> bool:

@@ -43,13 +43,18 @@ def save_lora_set(lora_set: LoraSet, folder: str, filename_prefix: str, dtype: s
     if len(lora_set) != 1:
         raise ValueError(f"lora_set has {len(lora_set)} LoRAs; merge them into one with 'Merge LoRA set' first.")
     (entry,) = lora_set.entries
-    if entry.strength_model != 1 or entry.strength_clip != 1 or entry.blocks is not None:
+    if entry.strength_model != 1 or entry.strength_clip != 1 or (entry.blocks and not entry.blocks.changes_nothing):
         raise ValueError(f"{entry.name} carries strengths ({entry.strength_model:g}/{entry.strength_clip:g}) or block "
                          "weights that a file cannot hold; fold them in with 'Merge LoRA set' (method linear).")
     target_dtype = SAVE_DTYPES[dtype]
     # alpha stays fp32: it is a scalar whose exact value sets the scale alpha/rank.
     tensors = {k: (t.to(target_dtype) if t.is_floating_point() and not k.endswith(".alpha") else t).contiguous()
                for k, t in entry.tensors().items()}
+    overflowed = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+    if overflowed:  # written anyway, LoraSetLoad would refuse the file: say it here, write nothing
+        shown = ", ".join(overflowed[:3]) + (" …" if len(overflowed) > 3 else "")
+        raise ValueError(f"{entry.name}: {len(overflowed)} tensor(s) exceed the range of {dtype} ({shown}); nothing "
+                         "was written. Save as bf16 or fp32.")
     metadata = {k: str(v) for k, v in entry.metadata().items()}
     metadata.setdefault("ss_network_module", "networks.lora")
     metadata["lora_composer_saved_from"] = entry.name

@@ -152,11 +152,12 @@ def lora_info(name: str) -> dict:
     path = resolve_lora_name(name)
     entries, metadata, size = read_header(path, name)
     tensors = header_tensors(path, entries)
+    file_keys = list(tensors)
     try:  # the same key normalisation LoraSetInfo applies (shapes are all it needs)
         tensors = normalize_keys(tensors)
     except Exception as e:  # pragma: no cover - a converter that needs values; fall back to raw keys
         log.debug("[LoRA Composer] key normalisation skipped for %s: %s", name, e)
-    summary = summarize(tensors, metadata)
+    summary = summarize(tensors, metadata, file_keys=file_keys)
     return {"name": name, "network_types": summary.network_types, "key_style": summary.key_style,
             "ranks": summary.ranks, "alphas": summary.alphas, "base_model": summary.base_model,
             "trigger_words": summary.triggers, "modules": summary.module_count,

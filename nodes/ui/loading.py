@@ -57,7 +57,10 @@ class LoraSetFromStack:
             name, sm, sc = item
             if name in (None, "None", ""):
                 continue
-            result = result.appended(file_entry(lora_path(name), sm, sc))
+            try:
+                result = result.appended(file_entry(lora_path(name), sm, sc))
+            except ValueError as e:  # a bad strength or file: say which item of the stack
+                raise ValueError(f"lora_stack item {i} ({name!r}): {e}") from e
         return (require_nonempty(result, "lora_stack"),)
 
 
@@ -81,7 +84,7 @@ class LoraSetToStack:
             if entry.path is None:
                 raise ValueError(f"{entry.name} lives in memory (a merge or generated LoRA); save it with "
                                  "'Save LoRA set' before turning the set into a LORA_STACK.")
-            if entry.blocks is not None and entry.blocks.label != "all":
+            if entry.blocks is not None and not entry.blocks.changes_nothing:
                 raise ValueError(f"{entry.name} has block weights ({entry.blocks.describe()}); a LORA_STACK "
                                  "cannot carry them.")
             stack.append((_relative_lora_name(entry.path), entry.strength_model, entry.strength_clip))
@@ -132,7 +135,7 @@ class LoraSetBlocks:
         if apply_to not in BLOCK_TARGETS:
             raise ValueError(f"apply_to must be one of {BLOCK_TARGETS}, got {apply_to!r}.")
         block_filter = parse_block_weights(block_weights or "", PRESETS[preset])
-        for _, w in block_filter.rules:
+        for w in (*(w for _, w in block_filter.rules), block_filter.default):  # '*=…' sets the default
             check_strength(w, "block_weights")
         indices = range(len(lora_set)) if apply_to == "all entries" else [len(lora_set) - 1]
         for i in indices:

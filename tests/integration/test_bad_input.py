@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node
-from harness.tiny_models import build_unet, weights_snapshot
+from harness.tiny_models import build_unet, patched_weights, weights_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,42 @@ def test_pickle_files_are_refused_unread(env, model, untouched, suffix):
 
 
 def test_lora_for_another_architecture(env, model, untouched):
-    sdxl = build_unet("sdxl", seed=1)
+    sdxl = build_unet("sdxl", seed=1, config_overrides={"context_dim": 2048})  # SDXL's text width: named by it
     xsd = sdxl.model.state_dict()
     targets = [k for k in xsd if (".input_blocks.7.1." in k or ".input_blocks.8.1." in k) and k.endswith("to_k.weight")]
     lf.make_lora(xsd, targets, "kohya", seed=2).save(_loras(env) / "made_for_sdxl.safetensors")
     (s,) = call_node("LoraSetLoad", lora_name="made_for_sdxl.safetensors", strength_model=1.0, strength_clip=1.0)
     with pytest.raises(ValueError, match=r"made_for_sdxl\.safetensors: .*none of its 4 modules match the connected SD15 model .*looks made for SDXL"):
         call_node("LoraSetApply", model=model, lora_set=s)
+
+
+BROKEN_KEY = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"  # a [32, 32] weight in this model
+
+
+@pytest.mark.parametrize("case, tensors, problem", [
+    ("ranks", {"lora_down.weight": torch.ones(3, 32), "lora_up.weight": torch.ones(32, 4), "alpha": torch.tensor(2.)},
+     "up 32×4 has 4 columns but down 3×32 has 3 rows"),
+    ("rank0", {"lora_down.weight": torch.ones(0, 32), "lora_up.weight": torch.ones(32, 0), "alpha": torch.tensor(8.)},
+     r"rank 0 \(up 32×0, down 0×32\)"),
+    ("dora", {"lora_down.weight": torch.ones(4, 32), "lora_up.weight": torch.ones(32, 4), "alpha": torch.tensor(4.),
+              "dora_scale": torch.ones(1, 17)}, "dora_scale 1×17 fits neither the weight's 32 outputs nor its 32 inputs"),
+    ("loha", {"hada_w1_a": torch.ones(32, 2), "hada_w1_b": torch.ones(3, 32), "hada_w2_a": torch.ones(32, 2),
+              "hada_w2_b": torch.ones(2, 32), "alpha": torch.tensor(2.)}, "hada_w1_a 32×2 and hada_w1_b 3×32 do not share"),
+])
+def test_internally_broken_modules_are_refused_by_name(env, model, untouched, case, tensors, problem):
+    """Core's loader logs an error for such a layer and skips it (the rest applies), so our report said "1 weight
+    patched" for a layer nothing changed, an svd merge wrote it as zeros and a rank-0 module with an alpha divided by
+    zero while the model loaded. Now every node that resolves the file refuses it, naming file, layer and fault."""
+    name = f"broken_{case}.safetensors"
+    save_file({f"{BROKEN_KEY}.{k}": v for k, v in tensors.items()}, str(_loras(env) / name))
+    (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0)
+    message = rf"{name}: the module for diffusion_model\.input_blocks\.1\.1\..*attn1\.to_q\.weight is broken: {problem}"
+    with pytest.raises(ValueError, match=message):
+        call_node("LoraSetApply", model=model, lora_set=s)
+    with pytest.raises(ValueError, match=message):
+        call_node("LoraSetMerge", model=model, lora_set=s, method="svd", rank=4, density=0.5, seed=0)
+    (info,) = call_node("LoraSetInfo", lora_set=s, model=model)
+    assert "does not fit" in info and "is broken" in info
 
 
 def test_same_names_other_shapes_are_refused(env, model, untouched):
@@ -171,3 +200,14 @@ def test_partly_unmatched_keys_are_reported(env, model, untouched):
     (s,) = call_node("LoraSetLoad", lora_name="partly.safetensors", strength_model=1.0, strength_clip=1.0)
     _, _, report = call_node("LoraSetApply", model=model, lora_set=s)
     assert "1 unmatched (lora_unet_no_such_layer)" in report
+
+
+def test_a_bias_only_module_counts_as_matched(env, model, untouched):
+    """A module whose only patch is its bias (``diff_b``) applied, but was reported unmatched (with a warning)."""
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"
+    save_file({f"{key}.diff_b": torch.full((32,), 0.1)}, str(_loras(env) / "bias_only.safetensors"))
+    (s,) = call_node("LoraSetLoad", lora_name="bias_only.safetensors", strength_model=1.0, strength_clip=1.0)
+    patched, _, report = call_node("LoraSetApply", model=model, lora_set=s)
+    assert "1 model + 0 CLIP weights patched from 1 modules; 0 unmatched" in report
+    weights = patched_weights(patched)
+    assert torch.equal(weights[f"{key}.bias"], model.model.state_dict()[f"{key}.bias"] + 0.1)

@@ -79,6 +79,15 @@ def test_bad_rule_syntax(env, sdxl):
                   apply_to="last entry")
 
 
+@pytest.mark.parametrize("rules", ["input_blocks=1e400", "*=1e400", "*=5000", "output_blocks.0.1=1, *=-101"])
+def test_out_of_range_block_weights_are_refused(env, sdxl, rules):
+    """The '*' default was not checked like the rules: '*=1e400' patched inf into every other block."""
+    _blora_file(env, sdxl)
+    (s,) = call_node("LoraSetLoad", lora_name="blora.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"block_weights must be a finite number in \[-100, 100\]"):
+        call_node("LoraSetBlocks", lora_set=s, preset="all", block_weights=rules, apply_to="last entry")
+
+
 def test_blocks_apply_to_last_entry_only(env, sdxl):
     """B-LoRA recipe: content from one LoRA, style from another."""
     a = _blora_file(env, sdxl, "content.safetensors")

@@ -724,9 +724,9 @@ def test_autolora_guider_bad_input(env, setup):
         call_node("AutoLoraGuider", lora_set=lora_set(names[:1]), strategy="fastest", **good)
     with pytest.raises(ValueError, match="cfg_lora must be finite"):
         call_node("AutoLoraGuider", lora_set=lora_set(names[:1]), **{**good, "cfg_lora": float("inf")})
-    sdxl = build_unet("sdxl", seed=1)
+    sdxl = build_unet("sdxl", seed=1, config_overrides={"context_dim": 2048})  # SDXL's text width: named by it
     xsd = sdxl.model.state_dict()
-    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.8.1." in k and k.endswith("to_v.weight")], "kohya",
+    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.8.1." in k and k.endswith("to_k.weight")], "kohya",
                  seed=3).save(env.models_dir / "loras" / "cp_guider_sdxl.safetensors")
     with pytest.raises(ValueError, match="cp_guider_sdxl.safetensors: none of its .* looks made for SDXL"):
         call_node("AutoLoraGuider", lora_set=lora_set(["cp_guider_sdxl.safetensors"]), **good)

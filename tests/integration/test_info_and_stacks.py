@@ -33,6 +33,21 @@ def test_info_describes_type_rank_base_and_triggers(env, model):
     assert text.count("0 unmatched") == 2
 
 
+@pytest.mark.parametrize("style, shown", [("blora", "B-LoRA (diffusers, doubled 'unet.unet.' prefix)"),
+                                           ("peft_raw", "PEFT (base_model.model.*)")])
+def test_info_names_the_files_own_key_style(env, model, style, shown):
+    """Detected on the names as the file spells them: LoraSetInfo looked at them after the prefixes were rewritten
+    and called both "diffusers"."""
+    sd = model.model.state_dict()
+    diffusers = lf.diffusers_paths(model)
+    name = f"style_{style}.safetensors"
+    lf.make_lora(sd, [k for k in lf.pick_targets(sd, ("attn",)) if k in diffusers], style, diffusers=diffusers,
+                 seed=3).save(env.models_dir / "loras" / name)
+    (s,) = call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0)
+    (text,) = call_node("LoraSetInfo", lora_set=s, model=model)
+    assert f"key style {shown};" in text and "0 unmatched" in text
+
+
 @pytest.mark.parametrize("key, style", [
     ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", "kohya (sgm/ldm module names)"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "kohya (diffusers module names)"),
@@ -50,7 +65,18 @@ def test_key_style_names_dit_files(env, key, style):
 
 
 @pytest.mark.parametrize("key, metadata, base", [
-    ("lora_unet_down_blocks_0_resnets_0_conv1", {}, "SD1.x/SD2.x (UNet)"),
+    ("lora_unet_down_blocks_0_resnets_0_conv1", {}, "an SD UNet (SD1.x, SD2.x or SDXL: its layers do not tell which)"),
+    # attention where only one layout has it: SD1.5's input_blocks 7 / 8 hold attention too (saved SD1.5 merges were
+    # called SDXL by them); SDXL's transformer depth > 1, its output_blocks 0-2 attention, SD1.x's input_blocks 1-2
+    ("lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q", {},
+     "an SD UNet (SD1.x, SD2.x or SDXL: its layers do not tell which)"),
+    ("lora_unet_input_blocks_7_1_transformer_blocks_0_attn1_to_q", {"ss_base_model_version": "sd_v1"},
+     "SD1.x (from its metadata)"),
+    ("lora_unet_input_blocks_7_1_transformer_blocks_4_attn1_to_q", {}, "SDXL"),
+    ("lora_unet_output_blocks_1_1_proj_in", {}, "SDXL"),
+    ("lora_unet_output_blocks_2_1_conv", {}, "an SD UNet (SD1.x, SD2.x or SDXL: its layers do not tell which)"),
+    ("lora_unet_input_blocks_1_1_proj_in", {}, "SD1.x/SD2.x (UNet)"),
+    ("transformer.transformer_blocks.1.attn.to_q", {}, "unknown"),
     ("lora_unet_down_blocks_0_resnets_0_conv1", {"ss_base_model_version": "sdxl_base_v1-0"}, "SDXL (from its metadata)"),
     ("lora_unet_down_blocks_0_resnets_0_conv1", {"modelspec.architecture": "stable-diffusion-v1/lora"},
      "SD1.x (from its metadata)"),
@@ -79,6 +105,16 @@ def test_base_model_guess_uses_metadata_where_keys_leave_it_open(env, key, metad
     assert env.engine("nodes.lora_format").guess_base_model(tensors, metadata) == base
 
 
+@pytest.mark.parametrize("width, base", [(768, "SD1.x"), (1024, "SD2.x"), (2048, "SDXL")])
+def test_base_model_guess_reads_the_text_width_first(env, width, base):
+    """An SD1.5 LoRA with sgm names on input_blocks 7 / 8 (what LoraSetSave writes) is SD1.x by its width."""
+    import torch
+
+    key = "lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": torch.zeros(2, width), f"{key}.lora_up.weight": torch.zeros(640, 2)}
+    assert env.engine("nodes.lora_format").guess_base_model(tensors, {}) == base
+
+
 def test_stack_round_trip(env, model):
     sd = model.model.state_dict()
     for i in range(2):
@@ -91,9 +127,33 @@ def test_stack_round_trip(env, model):
     assert back == [("stk_0.safetensors", 0.7, 0.2), ("stk_1.safetensors", -0.3, 1.0)]
 
 
-def test_stack_rejects_malformed_items(env):
+def test_stack_rejects_malformed_items(env, model):
     with pytest.raises(ValueError, match="lora_stack item 0"):
         call_node("LoraSetFromStack", lora_stack=[("only-a-name",)])
+    sd = model.model.state_dict()
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=12).save(env.models_dir / "loras" / "stk_n.safetensors")
+    with pytest.raises(ValueError, match=r"lora_stack item 1 \('stk_n.safetensors'\): strength_model must be a "
+                                         r"number, got None"):  # was a bare TypeError from float(None)
+        call_node("LoraSetFromStack", lora_stack=[("None", 1.0, 1.0), ("stk_n.safetensors", None, 1.0)])
+
+
+def test_block_rules_that_change_nothing_convert_and_save(env, model):
+    """'*=1' (or the 'all' preset) leaves the LoRA as it is: LoraSetToStack and LoraSetSave refused it as "block
+    weights a stack / file cannot carry" by its label."""
+    sd = model.model.state_dict()
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=14).save(env.models_dir / "loras" / "stk_one.safetensors")
+    (s,) = call_node("LoraSetLoad", lora_name="stk_one.safetensors", strength_model=1.0, strength_clip=1.0)
+    (ones,) = call_node("LoraSetBlocks", lora_set=s, preset="all", block_weights="*=1, input_blocks=1",
+                        apply_to="last entry")
+    assert call_node("LoraSetToStack", lora_set=ones)[0] == [("stk_one.safetensors", 1.0, 1.0)]
+    merged, _ = call_node("LoraSetMerge", model=model, lora_set=s, method="linear", rank=4, density=0.5, seed=0)
+    (merged_ones,) = call_node("LoraSetBlocks", lora_set=merged, preset="all", block_weights="*=1",
+                               apply_to="last entry")
+    (name,) = call_node("LoraSetSave", lora_set=merged_ones, filename_prefix="tests/ones", dtype="fp32")
+    assert name.endswith(".safetensors")
+    (halved,) = call_node("LoraSetBlocks", lora_set=s, preset="all", block_weights="*=0.5", apply_to="last entry")
+    with pytest.raises(ValueError, match="cannot carry them"):
+        call_node("LoraSetToStack", lora_set=halved)
 
 
 def test_to_stack_refuses_in_memory_and_block_weighted_entries(env, model):

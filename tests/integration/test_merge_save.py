@@ -5,6 +5,7 @@ and kernels.merge_math applied by hand to the formula deltas from the test's own
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -176,3 +177,21 @@ def test_save_refuses_what_a_file_cannot_hold(env, model, loras, bad, match):
     prefix = "../escape" if bad == "prefix" else "x"
     with pytest.raises(ValueError, match=match):
         call_node("LoraSetSave", lora_set=s, filename_prefix=prefix, dtype="fp16")
+
+
+def test_save_refuses_values_its_dtype_cannot_hold(env, model, loras):
+    """A strong (finite) merge whose up factor exceeds fp16's 65504: the fp16 file was written and LoraSetLoad then
+    refused it as NaN / Inf. Now nothing is written and the message says which dtype holds it."""
+    s = _set([("m_a", 1.0)])
+    merged, _ = _merge(model, s, "svd", rank=8)
+    (entry,) = merged.entries
+    strong = dict(entry.tensors())
+    up = next(k for k in strong if k.endswith("lora_up.weight"))
+    strong[up] = strong[up] * 1e6
+    huge = type(merged)((dataclasses.replace(entry, memory_tensors=strong),))
+    before = set((env.models_dir / "loras").rglob("*.safetensors"))
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) exceed the range of fp16 .*nothing was written. Save as bf16"):
+        call_node("LoraSetSave", lora_set=huge, filename_prefix="tests/overflow", dtype="fp16")
+    assert set((env.models_dir / "loras").rglob("*.safetensors")) == before
+    (name,) = call_node("LoraSetSave", lora_set=huge, filename_prefix="tests/overflow", dtype="bf16")
+    call_node("LoraSetLoad", lora_name=name, strength_model=1.0, strength_clip=1.0)

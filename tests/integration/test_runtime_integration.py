@@ -179,9 +179,9 @@ def test_per_run_diagnostics_stay_bounded(env, setup, monkeypatch):
 @pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
 def test_mismatched_architectures_are_refused(env, setup, node):
     model, _, names, _, _ = setup
-    sdxl = build_unet("sdxl", seed=1)
+    sdxl = build_unet("sdxl", seed=1, config_overrides={"context_dim": 2048})  # SDXL's text width: named by it
     xsd = sdxl.model.state_dict()
-    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.8.1." in k and k.endswith("to_v.weight")], "kohya",
+    lf.make_lora(xsd, [k for k in xsd if ".input_blocks.8.1." in k and k.endswith("to_k.weight")], "kohya",
                  seed=3).save(env.models_dir / "loras" / "ri_sdxl.safetensors")
     (mixed,) = call_node("LoraSetLoad", lora_name="ri_sdxl.safetensors", strength_model=1.0, strength_clip=1.0,
                          lora_set=lora_set(names[:1]))
