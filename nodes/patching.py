@@ -163,6 +163,16 @@ def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
             if t1 is not None:
                 return w1a.shape[1] == weight_shape[0]
             return w1a.shape[0] == weight_shape[0] and w1a.shape[0] * w1b.shape[1] == weight_shape.numel()
+        if name == "lokr":  # kron(w1, w2) is reshaped to the weight: its size must be the weight's
+            w1, w2, _alpha, w1a, w1b, w2a, w2b, t2 = patch.weights[:8]
+            size1 = w1.numel() if w1 is not None else w1a.shape[0] * w1b.shape[1]
+            if w2 is not None:
+                size2 = w2.numel()
+            elif t2 is not None:  # core: einsum('i j k l, j r, i p -> p r k l', t2, w2_b, w2_a)
+                size2 = w2a.shape[1] * w2b.shape[1] * t2[0, 0].numel()
+            else:
+                size2 = w2a.shape[0] * w2b[0].numel()
+            return size1 * size2 == weight_shape.numel()
     except (AttributeError, IndexError, TypeError):
         return True
     if isinstance(patch, tuple) and patch and patch[0] == "diff":
@@ -192,7 +202,10 @@ def broken_module(patch, weight_shape: torch.Size) -> str | None:
                         f"its {weight_shape[1:].numel()} inputs")
         elif name == "loha":
             w1a, w1b, _alpha, w2a, w2b = weights[:5]
-            for a, b, which in ((w1a, w1b, "hada_w1"), (w2a, w2b, "hada_w2")):
+            tuckers = tuple(weights[5:7]) + (None, None)
+            for a, b, t, which in ((w1a, w1b, tuckers[0], "hada_w1"), (w2a, w2b, tuckers[1], "hada_w2")):
+                if t is not None:  # Tucker form: a and b are both [rank, features], joined through t
+                    continue
                 if a.ndim < 2 or b.ndim < 1 or a.shape[1] == 0 or a.shape[1] != b.shape[0]:
                     return f"{which}_a {_dims(a)} and {which}_b {_dims(b)} do not share a rank"
     except (AttributeError, IndexError, TypeError):

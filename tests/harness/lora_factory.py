@@ -137,12 +137,25 @@ def make_lora(model_sd: dict, targets: list[str], style: str = "kohya", rank: in
     return lora
 
 
-def make_loha(model_sd: dict, targets: list[str], rank: int = 3, alpha: float = 1.5, seed: int = 0) -> TinyLora:
+def make_loha(model_sd: dict, targets: list[str], rank: int = 3, alpha: float = 1.5, seed: int = 0,
+              tucker: bool = False) -> TinyLora:
+    """LoHa: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/rank. ``tucker`` (conv targets): LyCORIS' CP/Tucker form, each
+    factor ``einsum('ij kl, ip, jr -> pr kl', t, a, b)`` with ``hada_t*`` [rank, rank, kh, kw], ``hada_w*_a``
+    [rank, out], ``hada_w*_b`` [rank, in] (LyCORIS ``rebuild_tucker``)."""
     g = torch.Generator().manual_seed(seed)
     lora = TinyLora(tensors={})
     for key in targets:
         w = model_sd[key]
         name = "lora_unet_" + sgm_path(key).replace(".", "_")
+        if tucker and w.ndim == 4:
+            halves = []
+            for i in (1, 2):
+                t, a, b = _rand(g, rank, rank, *w.shape[2:]), _rand(g, rank, w.shape[0]), _rand(g, rank, w.shape[1])
+                lora.tensors.update({f"{name}.hada_t{i}": t, f"{name}.hada_w{i}_a": a, f"{name}.hada_w{i}_b": b})
+                halves.append(torch.einsum("ijkl,ip,jr->prkl", t, a, b))
+            lora.tensors[f"{name}.alpha"] = torch.tensor(alpha)
+            lora.expected[key] = halves[0] * halves[1] * (alpha / rank)
+            continue
         inner = w[0].numel()
         w1a, w1b = _rand(g, w.shape[0], rank), _rand(g, rank, inner)
         w2a, w2b = _rand(g, w.shape[0], rank), _rand(g, rank, inner)

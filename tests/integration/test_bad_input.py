@@ -211,3 +211,12 @@ def test_a_bias_only_module_counts_as_matched(env, model, untouched):
     assert "1 model + 0 CLIP weights patched from 1 modules; 0 unmatched" in report
     weights = patched_weights(patched)
     assert torch.equal(weights[f"{key}.bias"], model.model.state_dict()[f"{key}.bias"] + 0.1)
+
+
+def test_a_lokr_of_the_wrong_size_does_not_fit(env, model, untouched):
+    """kron(w1, w2) of 1152 values for a 32×32 weight: core logs an error and skips the layer; we said "patched"."""
+    save_file({f"{BROKEN_KEY}.lokr_w1": torch.ones(4, 4), f"{BROKEN_KEY}.lokr_w2": torch.ones(8, 9),
+               f"{BROKEN_KEY}.alpha": torch.tensor(1.0)}, str(_loras(env) / "lokr_size.safetensors"))
+    (s,) = call_node("LoraSetLoad", lora_name="lokr_size.safetensors", strength_model=1.0, strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"lokr_size\.safetensors: 1 of its layers do not fit"):
+        call_node("LoraSetApply", model=model, lora_set=s)

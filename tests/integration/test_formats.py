@@ -54,7 +54,7 @@ def test_key_style_loads_every_key(env, sd15, style):
     assert all(torch.equal(v, sd15.model.state_dict()[k]) for k, v in base.items()), "base model changed"
 
 
-@pytest.mark.parametrize("fmt", ["locon_3x3", "locon_tucker", "loha", "lokr", "full_diff"])
+@pytest.mark.parametrize("fmt", ["locon_3x3", "locon_tucker", "loha", "loha_tucker", "lokr", "full_diff"])
 def test_format_matches_formula(env, sd15, fmt):
     sd = sd15.model.state_dict()
     if fmt.startswith("locon"):
@@ -62,6 +62,8 @@ def test_format_matches_formula(env, sd15, fmt):
         lora = lf.make_lora(sd, targets, "kohya", rank=3, alpha=1.5, tucker=fmt == "locon_tucker", seed=4)
     elif fmt == "loha":
         lora = lf.make_loha(sd, lf.pick_targets(sd, kinds=("attn", "conv3")), seed=5)
+    elif fmt == "loha_tucker":
+        lora = lf.make_loha(sd, lf.pick_targets(sd, kinds=("conv3",)), tucker=True, seed=5)
     elif fmt == "lokr":
         lora = lf.make_lokr(sd, [k for k in lf.pick_targets(sd, kinds=("attn",)) if sd[k].ndim == 2], seed=6)
     else:
