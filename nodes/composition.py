@@ -109,5 +109,5 @@ def autolora_guidance(model_patcher, clip, lora_set: LoraSet, gamma: float, stra
     # the LoRA weight set is cached: swapping base ↔ LoRA costs pointer moves, and memory equals one
     # statically applied LoRA (its patched copy next to the originals)
     runtime = AdapterRuntime(options, mixture=lambda step: components, strategy=strategy, label="autolora",
-                             cached_sets=1)
+                             cached_sets=1, combined_rows=True)
     return runtime.attach(model_patcher), patched_clip(clip, resolved), runtime, report_lines(resolved)

@@ -169,7 +169,7 @@ def autolora_guider(model_patcher, lora_set: LoraSet, positive, negative, cfg_ba
     # merged runs cache the LoRA weight set (swapping base <-> LoRA is then pointer moves, memory as one static
     # LoRA); unmerged runs (auto on a CPU) hold no weight copy at all
     runtime = AdapterRuntime(options, branches=branch_count(gamma, gamma_end), strategy=strategy,
-                             label="autolora_guider", cached_sets=1)
+                             label="autolora_guider", cached_sets=1, combined_rows=True)
     guider = AutoLoraCFGGuider(runtime.attach(model_patcher), runtime, len(lora_set), cfg_base, cfg_lora, gamma,
                                gamma_end, gamma_schedule, mix)
     guider.set_conds(positive, negative)

@@ -21,6 +21,7 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import comfy.model_management as mm
@@ -86,12 +87,13 @@ class AdapterRuntime:
     options it evaluates per step (1: `auto` swaps merged weights; more: batched rows routed per option).
     ``cached_sets``: weight sets the merged strategy keeps, each a patched copy of the LoRA'd layers (see
     ``MergedSwapper``); AutoLoRA keeps its one LoRA set, Composite none (k copies of the weights is what the
-    runtime exists to avoid).
+    runtime exists to avoid). ``combined_rows``: rows that apply several options at once (AutoLoRA's LoRA branch,
+    the whole set), which the hooks reproduce only where core's in-order patching adds up (``unmerged_obstacle``).
     """
 
     def __init__(self, options: list[dict[str, list[tuple]]], *, select: Callable[[int], object] | None = None,
                  mixture: Callable[[int], Mixture] | None = None, branches: int = 0, strategy: str = "auto",
-                 label: str = "runtime", cached_sets: int = 0,
+                 label: str = "runtime", cached_sets: int = 0, combined_rows: bool = False,
                  free_memory: Callable[[torch.device], float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
@@ -101,6 +103,7 @@ class AdapterRuntime:
         self.branches = branches
         self.strategy = strategy
         self.cached_sets = cached_sets
+        self.combined_rows = combined_rows  # rows apply several options at once (see layers.unmerged_obstacle)
         self.free_memory = free_memory or mm.get_free_memory
         self.key = f"lora_composer.{label}.{next(_ids)}"
         self.run: RunState | None = None
@@ -237,7 +240,8 @@ class AdapterRuntime:
         loaded in; the check resolves every LoRA'd layer, a few ms per run)."""
         found = self._obstacles.setdefault(base_model, {})
         if kind not in found:
-            check = {"merge": merge_obstacle, "in place": in_place_obstacle, "unmerged": unmerged_obstacle}[kind]
+            check = {"merge": merge_obstacle, "in place": in_place_obstacle,
+                     "unmerged": partial(unmerged_obstacle, combined_rows=self.combined_rows)}[kind]
             found[kind] = check(base_model, self.options)
         return found[kind]
 

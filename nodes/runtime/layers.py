@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.lowrank import ConvSpec, LowRankAdapter
-from ..patching import delta_base, linear_like
+from ..patching import delta_base, linear_like, weight_independent
 from .merged_swap import patched_keys, resolve_layers
 
 DENSE_BUDGET_BYTES = 2 * 1024**3  # refuse to build more dense deltas than this (clear error, not OOM)
@@ -68,8 +68,14 @@ def norm_spec(module: torch.nn.Module) -> NormSpec | None:
     return None
 
 
-def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[tuple]]]) -> str | None:
+def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[tuple]]],
+                      combined_rows: bool = False) -> str | None:
     """Why the hooks cannot run these options' patches on this model (the first such layer), or None.
+
+    ``combined_rows``: some rows apply several options at once (AutoLoRA's LoRA branch is the whole set). Core applies
+    a set's LoRAs one after another, so a DoRA / OFT patch that follows another LoRA on the same layer changes the
+    weight *that* LoRA made — not a sum of per-LoRA deltas of the base weight, which is what the hooks add (1e-3 off
+    at γ = 1, found on a Flux qkv). Merging is exact there (core's order).
 
     The hooks add a layer's delta to its output, which they can for linear layers (also other packs' layers with a
     2-D weight), 2-D convs (groups 1, zero padding) and LayerNorm / RMSNorm / GroupNorm; a 1-D / 3-D / transposed or
@@ -99,6 +105,18 @@ def unmerged_obstacle(base_model: torch.nn.Module, options: list[dict[str, list[
     if dense > DENSE_BUDGET_BYTES:
         return (f"non-low-rank LoRAs (LoHa / LoKr / DoRA / full diffs): their exact dense deltas need "
                 f"{dense / 2**30:.1f} GiB, over the hooks' {DENSE_BUDGET_BYTES / 2**30:.0f} GiB budget")
+    return _order_dependent_layer(options) if combined_rows else None
+
+
+def _order_dependent_layer(options: list[dict[str, list[tuple]]]) -> str | None:
+    """The first layer where a weight-dependent patch (DoRA, OFT, GLoRA) comes after another option's patch, which
+    it then depends on (see ``unmerged_obstacle``); None if there is none."""
+    for key in patched_keys(options):
+        patching = [j for j, option in enumerate(options) if option.get(key)]
+        for j in patching[1:]:
+            if not all(weight_independent(p[1]) for p in options[j][key]):
+                return (f"{key} (LoRA {j + 1}'s DoRA / OFT patch depends on the weight LoRA {patching[0] + 1} "
+                        "patched before it, and a row here applies both)")
     return None
 
 
