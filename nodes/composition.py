@@ -54,6 +54,10 @@ def parse_entry_weights(text: str, count: int) -> list[float]:
     if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
         raise ValueError(f"entry_weights must be finite, non-negative and not all zero, got {values}.")
     total = sum(values)
+    if not math.isfinite(total):  # finite weights whose sum overflows (1e308, 1e308): only their ratios count
+        peak = max(values)
+        values = [v / peak for v in values]
+        total = sum(values)
     return [v / total for v in values]
 
 

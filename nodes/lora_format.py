@@ -4,6 +4,7 @@ This is pure inspection of the tensors and metadata; nothing here needs a model.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -74,12 +75,10 @@ def module_network_type(parts: dict[str, torch.Tensor]) -> str:
 
 
 def module_rank(parts: dict[str, torch.Tensor]) -> int | None:
-    for s in _DOWN_SUFFIXES:
+    for s in (*_DOWN_SUFFIXES, ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b"):
         if s in parts:
-            return int(parts[s].shape[0])
-    for s in (".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b"):
-        if s in parts:
-            return int(parts[s].shape[0])
+            shape = parts[s].shape
+            return int(shape[0]) if shape else None  # a 0-d "factor" has no rank (a broken file: summarised anyway)
     return None
 
 
@@ -222,7 +221,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 12) -> list[str]:
         for per_dir in freq.values():
             if isinstance(per_dir, dict):
                 for tag, n in per_dir.items():
-                    if isinstance(n, (int, float)):
+                    if isinstance(n, (int, float)) and math.isfinite(n):  # (JSON allows NaN / 1e999 here)
                         counts[tag.strip()] += int(n)
         words.extend(tag for tag, _ in counts.most_common(limit) if tag)
     seen: set[str] = set()

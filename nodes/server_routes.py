@@ -14,8 +14,10 @@ have no server; then nothing is registered (see ``register_routes``).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import os
 import struct
 import sys
@@ -65,7 +67,9 @@ def check_name(name: str) -> None:
     if not name or not name.strip():
         raise LoraInfoError(400, "name is missing: ask for ?name=<a file from the loras folder>.")
     parts = name.replace("\\", "/").split("/")
-    if "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+    drive = len(parts[0]) >= 2 and parts[0][1] == ":" and parts[0][0].isascii() and parts[0][0].isalpha()  # 'C:…'
+    # (a ':' elsewhere is part of a name on Linux / macOS: 'style:v2.safetensors' is listed and loads)
+    if "\x00" in name or os.path.isabs(name) or name.startswith(("/", "\\")) or drive or ".." in parts:
         raise LoraInfoError(403, f"{name!r} is not a name inside the loras folders (absolute paths and '..' "
                                  "are refused).")
 
@@ -109,8 +113,8 @@ def read_header(path: str, name: str | None = None) -> tuple[dict[str, HeaderEnt
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(name, f"header is not JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (a deeply nested header: RecursionError)
+        raise _corrupt(name, f"header is not JSON: {type(e).__name__}") from e
     if not isinstance(header, dict):
         raise _corrupt(name, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -122,10 +126,14 @@ def read_header(path: str, name: str | None = None) -> tuple[dict[str, HeaderEnt
         try:
             dtype, shape, (begin, end) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
             begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # (an infinite offset or dimension)
             raise _corrupt(name, f"entry {key!r} is malformed") from e
-        if not isinstance(dtype, str) or any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
+        if not isinstance(dtype, str) or dtype not in _DTYPES and not dtype.isalnum():
+            raise _corrupt(name, f"entry {key!r} has no dtype name ({dtype!r})")
+        if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
             raise _corrupt(name, f"entry {key!r} points outside the file (truncated?)")
+        if math.prod(shape) > data_size:  # more elements than the file has bytes (and no overflowing meta tensor)
+            raise _corrupt(name, f"entry {key!r} claims shape {list(shape)}, more than the file holds")
         entries[key] = HeaderEntry(dtype, shape, 8 + n + begin, 8 + n + end)
     if not entries:
         raise _corrupt(name, "it holds no tensors")
@@ -142,6 +150,9 @@ def header_tensors(path: str, entries: dict[str, HeaderEntry]) -> dict[str, torc
             if scalar and e.end - e.begin == _SCALAR_FLOATS[e.dtype].itemsize:
                 f.seek(e.begin)
                 out[key] = torch.frombuffer(bytearray(f.read(e.end - e.begin)), dtype=_SCALAR_FLOATS[e.dtype])
+                if not bool(out[key].float().isfinite().all()):  # LoraSetLoad refuses such a file as well
+                    raise LoraInfoError(422, f"{os.path.basename(path)}: {key} is NaN or infinite; the file is "
+                                             "unusable.")
             elif not key.endswith(".alpha"):  # an alpha in a form not read here is left out, not summarised as 0
                 out[key] = torch.empty(e.shape, dtype=_DTYPES.get(e.dtype, torch.float32), device="meta")
     return out
@@ -169,12 +180,16 @@ async def handle_lora_info(request):
     from aiohttp import web
 
     name = request.query.get("name", "")
-    try:
-        info = lora_info(name)
+    try:  # in a worker thread: a large header takes seconds to parse, and the server would stall meanwhile
+        info = await asyncio.to_thread(lora_info, name)
     except LoraInfoError as e:
         return web.json_response({"error": e.message, "status": e.status}, status=e.status)
     except OSError as e:
         return web.json_response({"error": f"{name}: cannot be read ({e.strerror or e})."}, status=422)
+    except Exception as e:  # noqa: BLE001 - a header no check above foresaw: a JSON answer, never a bare 500
+        log.warning("[LoRA Composer] lora_info %r: %s: %s", name, type(e).__name__, e)
+        return web.json_response({"error": f"{name}: its header could not be summarised ({type(e).__name__}: {e}).",
+                                  "status": 422}, status=422)
     return web.json_response(info)
 
 

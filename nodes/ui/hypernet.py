@@ -19,7 +19,7 @@ from ..hypernet.training import ArchSettings, TrainSettings, load_checkpoint, tr
 from ..lora_set import LORA_SET_TYPE
 from ..registry import register_node
 from ..saving import next_free_path
-from .common import lora_set_input, strength_input
+from .common import file_signature, lora_set_input, strength_input
 
 HYPERNET_EXTENSIONS = {".safetensors"}
 NO_RESUME = "(start new)"
@@ -82,6 +82,11 @@ class LoraHypernetLoad:
     RETURN_NAMES = ("hypernet", "info")
     OUTPUT_TOOLTIPS = ("The hypernetwork, for the Generate nodes.", "What the file holds.")
     FUNCTION = "load"
+
+    @classmethod
+    def IS_CHANGED(cls, hypernet_name="", **_inputs):
+        """Re-run when the file changes on disk (a training run writing the same name again)."""
+        return file_signature(FOLDER_NAME, hypernet_name)
 
     def load(self, hypernet_name):
         hypernet = load_hypernet(folder_paths.get_full_path_or_raise(FOLDER_NAME, hypernet_name), hypernet_name)

@@ -9,7 +9,8 @@ from ..lora_blocks import PRESETS, parse_block_weights
 from ..lora_info import describe_set
 from ..lora_set import LORA_SET_TYPE, LoraSet, check_strength, file_entry, require_nonempty, with_blocks
 from ..registry import register_node
-from .common import LORA_STACK_TYPE, lora_name_input, lora_path, lora_set_input, strength_input
+from .common import (LORA_STACK_TYPE, file_signature, lora_name_input, lora_path, lora_set_input,
+                     strength_input)
 
 
 @register_node("LoraSetLoad", "Load LoRA (set)", "sets")
@@ -29,6 +30,11 @@ class LoraSetLoad:
     RETURN_NAMES = ("lora_set",)
     OUTPUT_TOOLTIPS = ("The incoming set with this LoRA appended.",)
     FUNCTION = "load"
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name="", **_inputs):
+        """Re-run when the file changes on disk (same name, new contents); other inputs ComfyUI tracks itself."""
+        return file_signature("loras", lora_name)
 
     def load(self, lora_name, strength_model, strength_clip, lora_set=None):
         entry = file_entry(lora_path(lora_name), strength_model, strength_clip)

@@ -133,3 +133,92 @@ def test_route_refusals_over_http(e2e_server, name, status):
     assert got == status, body
     assert body.get("error"), body
     assert e2e_server.process.poll() is None
+
+
+@pytest.fixture
+def scratch_loras(in_process_models):
+    """Write files into the loras folder for one test; they are gone afterwards (other tests list that folder)."""
+    written = []
+
+    def write(name: str, data: bytes):
+        path = in_process_models / "loras" / name
+        path.write_bytes(data)
+        written.append(path)
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def _odd_header(header: dict | str, data: bytes = b"\0" * 64) -> bytes:
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+ODD_HEADERS = {  # name → (header, what the 422 says); each made a plain-text 500 (or invalid JSON) before
+    "odd_deep.safetensors": ("[" * 100000 + "]" * 100000, "header is not JSON"),
+    "odd_inf_offset.safetensors": ('{"a.lora_down.weight": {"dtype": "F32", "shape": [1], '
+                                   '"data_offsets": [0, 1e999]}}', "is malformed"),
+    "odd_inf_shape.safetensors": ('{"a.lora_down.weight": {"dtype": "F32", "shape": [1e999], '
+                                  '"data_offsets": [0, 4]}}', "is malformed"),
+    "odd_big_shape.safetensors": ({"a.lora_down.weight": {"dtype": "F32", "shape": [2**62, 2**62],
+                                                          "data_offsets": [0, 4]}}, "more than the file holds"),
+    "odd_dtype.safetensors": ({"a.lora_down.weight": {"dtype": ["F16"], "shape": [1], "data_offsets": [0, 2]}},
+                              "has no dtype name"),
+    "odd_nan_alpha.safetensors": ({"a.alpha": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+                                   "a.lora_down.weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [4, 8]}},
+                                  "a.alpha is NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_HEADERS))
+def test_odd_headers_get_a_clear_422(routes, scratch_loras, name):
+    header, words = ODD_HEADERS[name]
+    data = b"\0\0\xc0\x7f" + b"\0" * 60 if "nan_alpha" in name else b"\0" * 64  # a float32 NaN first
+    scratch_loras(name, _odd_header(header, data))
+    with pytest.raises(routes.LoraInfoError) as refused:
+        routes.lora_info(name)
+    assert refused.value.status == 422 and words in refused.value.message, refused.value.message
+
+
+def test_odd_but_readable_files_are_summarised(routes, scratch_loras):
+    """A 0-d 'down' factor and tag counts of NaN / 1e999 (JSON allows both) broke the summary (IndexError,
+    ValueError); now they are summarised, the bad parts left out."""
+    header = {"a.lora_down.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+              "a.lora_up.weight": {"dtype": "F32", "shape": [4, 1], "data_offsets": [4, 20]},
+              "__metadata__": {"ss_tag_frequency": '{"1_x": {"good tag": 3, "nan tag": NaN, "big tag": 1e999}}'}}
+    scratch_loras("odd_readable.safetensors", _odd_header(header))
+    info = routes.lora_info("odd_readable.safetensors")
+    assert info["ranks"] == [] and info["trigger_words"] == ["good tag"]
+
+
+def test_names_with_a_colon_are_names(routes, in_process_models, scratch_loras):
+    """':' is part of a file name on Linux / macOS (ComfyUI lists such a file, LoraSetLoad loads it); only 'C:…'
+    reads as a drive and is refused."""
+    good = (in_process_models / "loras" / GOOD).read_bytes()
+    scratch_loras("style:v2.safetensors", good)
+    assert routes.lora_info("style:v2.safetensors")["modules"] > 0
+    with pytest.raises(routes.LoraInfoError) as refused:
+        routes.lora_info("C:style.safetensors")
+    assert refused.value.status == 403
+
+
+def test_an_unforeseen_failure_is_a_json_422(routes, monkeypatch):
+    """Whatever a header does that no check foresaw, the answer is JSON (the web panel parses it), never a bare 500;
+    and the summary runs off the event loop (a large header took seconds and stalled the server)."""
+    import asyncio
+    import threading
+
+    from aiohttp.test_utils import make_mocked_request
+
+    seen = {}
+
+    def explode(name):
+        seen["thread"] = threading.current_thread() is not threading.main_thread()
+        raise RuntimeError("Storage size calculation overflowed")
+
+    monkeypatch.setattr(routes, "lora_info", explode)
+    response = asyncio.run(routes.handle_lora_info(make_mocked_request("GET", "/lora_composer/lora_info?name=x")))
+    assert response.status == 422 and seen["thread"]
+    body = json.loads(response.body)
+    assert "could not be summarised (RuntimeError: Storage size calculation overflowed)" in body["error"]

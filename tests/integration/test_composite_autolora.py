@@ -317,6 +317,8 @@ def test_composite_bad_input(env, setup):
         call_node("LoraSetComposite", model=model, lora_set=lora_set(names), entry_weights="1, -1, 1")
     with pytest.raises(ValueError, match="lora_set is empty"):
         call_node("LoraSetComposite", model=model, lora_set=env.engine("nodes.lora_set").LoraSet())
+    # finite weights whose sum overflows normalised to 0, 0 (a crash in the sampler); only their ratios count
+    assert env.engine("nodes.composition").parse_entry_weights("1e308, 1e308, 0", 3) == [0.5, 0.5, 0.0]
 
 
 # --- AutoLoRA -----------------------------------------------------------------------------------

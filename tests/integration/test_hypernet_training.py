@@ -10,6 +10,7 @@ Everything is measured in the LiDB space: targets are the projections of the kno
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import comfy.model_management as mm
@@ -399,6 +400,12 @@ def test_train_node_reruns_when_the_examples_change(world, trained):
     finally:
         extra.unlink()
     assert cls.IS_CHANGED(examples_folder=str(world.tmp / "nowhere")).startswith("unreadable")
+    load = nodes.NODE_CLASS_MAPPINGS["LoraHypernetLoad"]  # a hypernet file written again under its name: re-read
+    name = trained.hypernet.path.split("lora_hypernets/")[-1]
+    signature = load.IS_CHANGED(hypernet_name=name)
+    stat = os.stat(trained.hypernet.path)
+    os.utime(trained.hypernet.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert signature and load.IS_CHANGED(hypernet_name=name) != signature
 
 
 def _tiny_ip2p():

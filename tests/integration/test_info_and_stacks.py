@@ -166,3 +166,23 @@ def test_to_stack_refuses_in_memory_and_block_weighted_entries(env, model):
     merged, _ = call_node("LoraSetMerge", model=model, lora_set=s, method="linear", rank=4, density=0.5, seed=0)
     with pytest.raises(ValueError, match="lives in memory"):
         call_node("LoraSetToStack", lora_set=merged)
+
+
+def test_load_reruns_when_the_file_changes(env, model):
+    """ComfyUI serves a node's cached output while its inputs are unchanged: a LoRA rewritten under the same name
+    (a new training checkpoint) was served stale — core's LoraLoader has the same gap. IS_CHANGED follows the file."""
+    import os
+
+    import nodes
+
+    sd = model.model.state_dict()
+    path = env.models_dir / "loras" / "rewritten.safetensors"
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=15).save(path)
+    cls = nodes.NODE_CLASS_MAPPINGS["LoraSetLoad"]
+    first = cls.IS_CHANGED(lora_name="rewritten.safetensors", strength_model=1.0, strength_clip=1.0)
+    assert first and first == cls.IS_CHANGED(lora_name="rewritten.safetensors", strength_model=0.5, strength_clip=1.0)
+    lf.make_lora(sd, lf.pick_targets(sd), "kohya", seed=16).save(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # coarse file-system clocks: a surely new time
+    assert cls.IS_CHANGED(lora_name="rewritten.safetensors") != first
+    assert cls.IS_CHANGED(lora_name="not_there.safetensors") == ""

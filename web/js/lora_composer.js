@@ -157,9 +157,9 @@ function requestInfo(name, node) {
   const failed = (error) => Object.assign(entry, { status: "error", error, at: Date.now() });
   api.fetchApi(`/lora_composer/lora_info?name=${encodeURIComponent(name)}`)
     .then(async (response) => {
-      const body = await response.json().catch(() => ({}));
-      if (response.ok) Object.assign(entry, { status: "ok", info: body });
-      else failed(body.error || `HTTP ${response.status}`);
+      const body = await response.json().catch(() => null);  // null: not JSON (e.g. a proxy's error page)
+      if (response.ok && body) Object.assign(entry, { status: "ok", info: body });
+      else failed(body?.error || `HTTP ${response.status}${body ? "" : " (not a JSON answer)"}`);
     })
     .catch((e) => failed(String(e)))
     .finally(() => node.setDirtyCanvas?.(true, true));
@@ -204,6 +204,10 @@ function drawSetInfo(node, ctx) {
       continue;
     }
     const [first, ...rest] = infoLines(name, node);
+    if (first === undefined) {  // an entry without a file name (an empty widget): say so, keep drawing the rest
+      lines.push({ text: "(a LoRA entry without a file name)", color: "#888" });
+      continue;
+    }
     const head = typeof first === "string" ? `${name}: ${first}` : first;
     lines.push({ text: head.text ?? head, color: head.color || "#ddd" }, ...rest.map((t) => (typeof t === "string" ? `   ${t}` : t)));
   }

@@ -65,9 +65,15 @@ export function parseEntryWeights(text, count) {
   if (values.length !== count) {
     return { weights: null, error: `entry_weights has ${values.length} numbers but the set has ${count} LoRAs` };
   }
-  const total = values.reduce((a, b) => a + b, 0);
+  let total = values.reduce((a, b) => a + b, 0);
   if (values.some((v) => v < 0) || total <= 0) return { weights: null, error: "entry_weights must be ≥ 0, not all 0" };
-  return { weights: values.map((v) => v / total), error: null };
+  let scaled = values;
+  if (!Number.isFinite(total)) {  // finite weights whose sum overflows (1e308, 1e308): only their ratios count
+    const peak = Math.max(...values);
+    scaled = values.map((v) => v / peak);
+    total = scaled.reduce((a, b) => a + b, 0);
+  }
+  return { weights: scaled.map((v) => v / total), error: null };
 }
 
 /**

@@ -36,6 +36,7 @@ test("entry weights: uniform, normalised, errors", () => {
   assert.match(parseEntryWeights("1, 2", 3).error, /2 numbers/);
   assert.match(parseEntryWeights("0 0", 2).error, /not all 0/);
   assert.match(parseEntryWeights("a", 1).error, /not a number/);
+  assert.deepEqual(parseEntryWeights("1e308, 1e308", 2).weights, [0.5, 0.5]);  // the sum overflows: ratios count
 });
 
 test("evaluations per step: Composite k × (cond + uncond), zero weights skipped, cfg 1, heun", () => {
