@@ -27,6 +27,16 @@ from .layers import LayerPlan
 from .staging import PackedUpload, StagedTensors
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type. Under it ``mm`` / ``bmm`` run in the autocast dtype while the
+    in-place ``addmm_`` / ``baddbmm_`` / ``index_add_`` the kernels accumulate with do not (a dtype error): the hooks
+    then run with autocast off, in the dtypes they were prepared for, and the output is cast back."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4: the argument-free form (CUDA) and the CPU one
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 # The hooks read per-run state (prepared factors, the call's routing) that a torch.compile'd model (core's
 # TorchCompileModel) would otherwise bake into a graph traced in one run and replay in the next: they run eagerly,
 # a graph break per hooked layer (tests/integration/test_compiled.py).
@@ -152,10 +162,17 @@ class UnmergedAdapters:
 
         @_not_traced
         def add_adapters(module, inputs, output):
+            if _autocast_on(inputs[0].device.type):  # (rare: no sampler autocasts; another pack might)
+                with torch.autocast(inputs[0].device.type, enabled=False):
+                    return add(module, inputs, output)
+            return add(module, inputs, output)
+
+        def add(module, inputs, output):
             x = inputs[0]
             rows = x.shape[0]
             in_place = output.dtype == x.dtype and not output.requires_grad
-            target = output if in_place else output.float()
+            # at least fp32 (fp64 stays fp64: .float() rounded a float64 layer's whole output, delta included)
+            target = output if in_place else output.to(torch.promote_types(output.dtype, torch.float32))
             if plan.lowrank:
                 segments = self.routing.segments(rows, columns, ranks, x.dtype, x.device)
                 if segments:
@@ -164,7 +181,7 @@ class UnmergedAdapters:
                         self._add_routed(factors, x, target, segments)
                     else:
                         delta = torch.zeros(output.shape, dtype=x.dtype, device=x.device)
-                        target += self._add_routed(factors, x, delta, segments).float()
+                        target += self._add_routed(factors, x, delta, segments).to(target.dtype)
             if plan.dense and plan.norm is not None:  # out = n(x)·w + b: a Δw adds n(x)·Δw
                 w = self.routing.on_device(rows, plan.dense_columns, x.dtype, x.device)
                 if w is not None:

@@ -456,3 +456,56 @@ def test_low_rank_terms_are_worked_out_once_and_serve_every_run(env, model):
             first = weights
         assert all(torch.equal(first[k], v) for k, v in weights.items())
         assert all(torch.equal(snapshot[k], v) for k, v in model.model.state_dict().items())
+
+
+def _hooked_linear(env, dtype, weights):
+    """A bare Linear (parameters tracked by autograd) with one rank-2 LoRA hooked on, rows routed by ``weights``."""
+    layers, unmerged = env.engine("nodes.runtime.layers"), env.engine("nodes.runtime.unmerged")
+    lowrank = env.engine("kernels.lowrank")
+    g = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(8, 6).to(dtype)
+    adapter = lowrank.LowRankAdapter(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), scale=0.5)
+    plan = layers.LayerPlan(key="layer.weight", module_path="layer", conv=None, lowrank_columns=[0],
+                            lowrank=[adapter])
+    root = torch.nn.Module()
+    root.layer = layer
+    routing = unmerged.Routing()
+    routing.set(torch.tensor(weights))
+    hooks = unmerged.UnmergedAdapters([plan], routing)
+    delta = 0.5 * adapter.up.double() @ adapter.down.double()  # ΔW in fp64, the oracle
+    return layer, root, hooks, delta
+
+
+def test_a_float64_layer_keeps_float64_with_autograd_on(env):
+    """Outputs that need gradients take the out-of-place path, which rounded a float64 output (and its LoRA delta)
+    to float32: a row routed to no LoRA changed by 2e-8, the delta was 2e-8 off. Now exact to fp64 rounding."""
+    layer, root, hooks, delta = _hooked_linear(env, torch.float64, [[1.0], [0.0]])
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    base = layer(x).detach()
+    hooks.install(root, torch.device("cpu"))
+    try:
+        got = layer(x)
+    finally:
+        hooks.remove()
+    assert got.requires_grad and got.dtype == torch.float64
+    assert torch.equal(got[1].detach(), base[1])
+    want = base[0] + x[0] @ delta.t()
+    assert (got[0].detach() - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+def test_hooks_run_under_autocast(env):
+    """Under torch.autocast, mm runs in bf16 but the in-place addmm_ the kernels accumulate with does not (a dtype
+    error in every hooked layer). The hooks now switch autocast off for their own arithmetic: the LoRA delta in
+    fp32, added to the layer's bf16 output."""
+    layer, root, hooks, delta = _hooked_linear(env, torch.float32, [[1.0], [1.0], [0.0]])
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = layer(x).detach()
+        hooks.install(root, torch.device("cpu"))
+        try:
+            got = layer(x).detach()
+        finally:
+            hooks.remove()
+    assert got.dtype == torch.bfloat16 and torch.equal(got[2], base[2])
+    want = base[:2].double() + x[:2].double() @ delta.t()
+    assert (got[:2].double() - want).abs().max() <= 1e-2 * want.abs().max()  # bf16 output: 8 bits of mantissa
