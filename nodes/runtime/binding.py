@@ -77,6 +77,8 @@ class RunState:
     cond_routes: "list[tuple[object, int]] | None" = None  # per cond index: (option, index the model sees)
     steps_seen: list[int] = field(default_factory=list)
     forwards: int = 0  # network evaluations (APPLY_MODEL executions), for diagnostics
+    active_option: object = None  # what the last ``activate`` made act (its rows' uuids: batching.option_uuids)
+    model_patches: dict | None = None  # the model's own transformer_options["patches"] this model call
 
 
 class AdapterRuntime:
@@ -330,6 +332,7 @@ class AdapterRuntime:
         run = self.run
         if run is None:
             raise RuntimeError("the LoRA runtime is only active while its model samples")
+        run.active_option = option
         if run.swapper is not None:
             run.swapper.activate(option)
         else:
@@ -363,6 +366,7 @@ class AdapterRuntime:
             run.step = run.tracker.step_for_call(timestep)
             run.steps_seen.append(run.step)
             run.stateful_cfg = cfg_reads_network_state(model_options or {})
+            run.model_patches = (model_options or {}).get("transformer_options", {}).get("patches")
             if self.select is not None:
                 self.activate(self.select(run.step))
         return executor(x, timestep, model_options, seed, *args, **kwargs)
@@ -373,11 +377,15 @@ class AdapterRuntime:
             return executor(*args, **kwargs)
         if run.cond_routes is not None:
             return self._routed_by_cond(run, executor, args, kwargs)
-        if self.mixture is None:  # a guider's branch with merged weights (it activated the option itself)
+        if self.mixture is None:  # a guider's branch evaluated alone (it activated the option itself)
             run.forwards += 1
+            args, kwargs = batching.with_option_uuids(args, kwargs, run.active_option)
             return executor(*args, **kwargs)
         components = list(self.mixture(run.step))
-        if run.swapper is not None or len(components) == 1 or run.stateful_cfg:
+        # One evaluation per component where batching cannot be exact: merged weights, a CFG step that reads the
+        # network's state, or patches the conds brought (GLIGEN's is made for this call's batch size).
+        if run.swapper is not None or len(components) == 1 or run.stateful_cfg or batching.cond_patches(
+                batching.transformer_options_of(args, kwargs), run.model_patches):
             return self._sequential(run, components, executor, args, kwargs)
         return self._batched(run, components, executor, args, kwargs)
 
@@ -396,6 +404,7 @@ class AdapterRuntime:
         for i in order:
             self.activate(components[i][1])
             call_args, call_kwargs = batching.with_fresh_control(args, kwargs)  # the UNet pops ControlNet's lists
+            call_args, call_kwargs = batching.with_option_uuids(call_args, call_kwargs, components[i][1])
             outs[i] = executor(*call_args, **call_kwargs)
             run.forwards += 1
         acc = None
@@ -417,6 +426,9 @@ class AdapterRuntime:
         rows = torch.stack([self._routing_row(routes[i][0]) for i in indices]).repeat_interleave(per_cond, dim=0)
         run.routing.set(rows)
         options["cond_or_uncond"] = [routes[i][1] for i in indices]
+        uuids = options.get("uuids")
+        if isinstance(uuids, list) and len(uuids) == len(indices):  # each branch's rows: their own uuids
+            options["uuids"] = [batching.option_uuids([u], routes[i][0])[0] for u, i in zip(uuids, indices)]
         run.forwards += 1
         return executor(*args, **kwargs)
 
@@ -440,7 +452,7 @@ class AdapterRuntime:
             m = len(chunk)
             rows = torch.stack([self._routing_row(option) for _, option in chunk]).repeat_interleave(x.shape[0], dim=0)
             run.routing.set(rows)
-            big_args, big_kwargs = batching.expand_call(args, kwargs, m)
+            big_args, big_kwargs = batching.expand_call(args, kwargs, [option for _, option in chunk])
             out = batching.fold(executor(*big_args, **big_kwargs), [c for c, _ in chunk])
             run.forwards += 1
             acc = out if acc is None else acc + out

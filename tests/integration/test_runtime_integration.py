@@ -188,3 +188,87 @@ def test_mismatched_architectures_are_refused(env, setup, node):
     extra = {"gamma": 0.5} if node == "AutoLoraGuidance" else {}
     with pytest.raises(ValueError, match="ri_sdxl.safetensors: none of its .* looks made for SDXL"):
         call_node(node, model=model, lora_set=mixed, **extra)
+
+
+def _tiny_gligen(model):
+    """A core GLIGEN shaped for the tiny UNet (one gated self-attention per transformer block), as a ModelPatcher."""
+    import comfy.gligen
+    import comfy.model_patcher
+
+    from harness.tiny_models import init_weights_
+
+    dims = [m.attn1.to_q.weight.shape[0] for m in model.model.diffusion_model.modules()
+            if type(m).__name__ == "BasicTransformerBlock"]
+    fusers = [comfy.gligen.GatedSelfAttentionDense(d, 64, 2, d // 2) for d in dims]
+    for fuser in fusers:
+        init_weights_(fuser, seed=3)
+        with torch.no_grad():
+            fuser.alpha_attn.fill_(0.8)
+            fuser.alpha_dense.fill_(0.5)
+    position_net = comfy.gligen.PositionNet(64, 64)
+    init_weights_(position_net, seed=4)
+    return comfy.model_patcher.ModelPatcher(comfy.gligen.Gligen(fusers, position_net, 64),
+                                            load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("node", ["LoraSetComposite", "AutoLoraGuidance"])
+def test_gligen_boxes_with_mixtures(env, setup, node):
+    """GLIGEN's conds put a middle_patch made for the call's batch into transformer_options: the batched mixture
+    (the default on CPUs and GPUs) crashed in torch.cat. Calls carrying patches the conds brought evaluate one
+    component at a time: every strategy agrees, and GLIGEN still acts."""
+    model, clip, names, pos, neg = setup
+    (boxed,) = call_node("GLIGENTextBoxApply", conditioning_to=pos, clip=clip, gligen_textbox_model=_tiny_gligen(model),
+                         text="a red ball", width=32, height=32, x=16, y=16)
+    extra = {"gamma": 0.5} if node == "AutoLoraGuidance" else {}
+    before = weights_snapshot(model.model)
+    out = {strategy: sample(call_node(node, model=model, lora_set=lora_set(names), strategy=strategy, **extra)[0],
+                            boxed, neg) for strategy in ("auto", "merged", "unmerged")}
+    assert close(out["auto"], out["merged"]) and close(out["unmerged"], out["merged"])
+    without = sample(call_node(node, model=model, lora_set=lora_set(names), **extra)[0], pos, neg)
+    assert not close(out["auto"], without, rel=1e-4), "GLIGEN must still act"
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    assert all(torch.equal(before[k], v) for k, v in weights_snapshot(model.model).items())
+
+
+@pytest.mark.parametrize("node, strategy", [("LoraSetComposite", "unmerged"), ("LoraSetComposite", "merged"),
+                                            ("AutoLoraGuidance", "unmerged"), ("AutoLoraGuider", "unmerged"),
+                                            ("AutoLoraGuider", "merged")])
+def test_each_lora_component_carries_its_own_uuids(env, setup, node, strategy):
+    """A cond's uuid names its rows' output: per-uuid caches (core's EasyCache keeps one output per uuid and skips a
+    step by the first cond's) served one LoRA's cached output to another's rows — Composite / AutoLoRA 3-10 % off
+    with EasyCache, differently per strategy. Each component now carries uuids derived from its conds' and its
+    option, the same at every step; the base model's rows keep the conds' own."""
+    import comfy.patcher_extension as pe
+
+    model, _, names, pos, neg = setup
+    seen = []
+
+    def record(executor, *args, **kwargs):
+        options = args[-1] if isinstance(args[-1], dict) else kwargs.get("transformer_options", {})
+        seen.append((args[0].shape[0], list(options["uuids"]), list(options["cond_or_uncond"])))
+        return executor(*args, **kwargs)
+
+    other = model.clone()
+    other.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "uuid_probe", record)
+    if node == "AutoLoraGuider":
+        (guider,) = call_node(node, model=other, lora_set=lora_set(names), positive=pos, negative=neg, cfg_base=3.0,
+                              cfg_lora=5.0, gamma=0.5, strategy=strategy)
+        import comfy.sample
+        import comfy.samplers
+
+        latent = torch.zeros(1, 4, 8, 8)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+        guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                      disable_pbar=True, seed=1)
+    else:
+        extra = {"gamma": 0.5} if node == "AutoLoraGuidance" else {}
+        sample(call_node(node, model=other, lora_set=lora_set(names), strategy=strategy, **extra)[0], pos, neg, steps=3)
+    per_step = len(seen) // 3
+    steps = [sorted(str(u) for _, call_uuids, _ in seen[i * per_step:(i + 1) * per_step] for u in call_uuids)
+             for i in range(3)]
+    assert steps[1] == steps[0] and steps[2] == steps[0], "the same uuids at every step (merged visits the LoRAs " \
+                                                          "in alternating order)"
+    components = 2  # Composite: 2 LoRAs; AutoLoRA: base and LoRA branch
+    assert len(steps[0]) == 2 * components and len(set(steps[0])) == 2 * components, "cond / uncond per component"
