@@ -449,7 +449,6 @@ class AdapterRuntime:
         acc = None
         for start in range(0, len(components), per_forward):
             chunk = components[start:start + per_forward]
-            m = len(chunk)
             rows = torch.stack([self._routing_row(option) for _, option in chunk]).repeat_interleave(x.shape[0], dim=0)
             run.routing.set(rows)
             big_args, big_kwargs = batching.expand_call(args, kwargs, [option for _, option in chunk])
