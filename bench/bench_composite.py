@@ -505,7 +505,7 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
     ("whole run: sample_custom / guider.sample", "comfy/samplers.py", "sample"),
     ("load_models_gpu", "comfy/model_management.py", "load_models_gpu"),
     ("SAMPLER_SAMPLE wrapper (everything in the run)", "nodes/runtime/binding.py", "sampler_sample"),
-    ("  step probe (probe_steps)", "nodes/runtime/step_tracker.py", "probe_steps"),
+    ("  step probe (probe_events)", "nodes/runtime/step_tracker.py", "probe_events"),
     ("  APPLY_MODEL wrapper (mixture)", "nodes/runtime/binding.py", "apply_model"),
     ("  MergedSwapper.activate (all swaps)", "nodes/runtime/merged_swap.py", "activate"),
     ("    MergedSwapper._set (per layer)", "nodes/runtime/merged_swap.py", "_set"),

@@ -442,7 +442,7 @@ PROFILE_POINTS = (  # (label, file suffix, function name)
     ("  resolve_set (key mapping, patch lists)", "nodes/patching.py", "resolve_set"),
     ("load_models_gpu", "comfy/model_management.py", "load_models_gpu"),
     ("SAMPLER_SAMPLE wrapper (everything in the run)", "nodes/runtime/binding.py", "sampler_sample"),
-    ("  step probe (probe_steps)", "nodes/runtime/step_tracker.py", "probe_steps"),
+    ("  step probe (probe_events)", "nodes/runtime/step_tracker.py", "probe_events"),
     ("  MergedSwapper.__init__", "nodes/runtime/merged_swap.py", "__init__"),
     ("  MergedSwapper.activate (all swaps)", "nodes/runtime/merged_swap.py", "activate"),
     ("    comfy.lora.calculate_weight", "comfy/lora.py", "calculate_weight"),

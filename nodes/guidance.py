@@ -29,7 +29,7 @@ def gamma_at(step: int, total_steps: int, gamma: float, gamma_end: float, schedu
     """γ at a step: constant γ, or from γ (first step) to γ_end (last step), linearly or by a cosine."""
     if schedule == "constant":
         return gamma
-    p = step / max(1, total_steps - 1)
+    p = min(1.0, max(0.0, step / max(1, total_steps - 1)))  # (an adaptive sampler can take more steps)
     if schedule == "linear":
         f = p
     elif schedule == "cosine":

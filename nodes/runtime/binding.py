@@ -33,7 +33,7 @@ from .inplace_swap import InPlaceSwapper, backup_bytes, in_place_obstacle
 from .layers import build_layer_plans, unmerged_obstacle
 from .lowrank_terms import LowRankTerms
 from .merged_swap import MergedSwapper, held_bytes, merge_obstacle
-from .step_tracker import StepTracker, probe_steps
+from .step_tracker import StepTracker, probe_events
 from .staging import PackedUpload
 from .unmerged import Routing, UnmergedAdapters, lowrank_upload
 
@@ -63,6 +63,15 @@ def cfg_reads_network_state(model_options: dict) -> bool:
     transformer = model_options.get("transformer_options", {})
     cfg_functions = model_options.get("sampler_pre_cfg_function") or model_options.get("sampler_post_cfg_function")
     return bool(cfg_functions and (transformer.get("patches") or transformer.get("patches_replace")))
+
+
+def _counting_callback(tracker: StepTracker, callback):
+    """The sampler's per-step callback, telling ``tracker`` each step it completes first (a sampler given no
+    callback calls none, so one is always passed)."""
+    def counting(step, *rest):
+        tracker.note_callback(step)
+        return callback(step, *rest) if callback is not None else None
+    return counting
 
 
 @dataclass
@@ -294,11 +303,13 @@ class AdapterRuntime:
 
     # -- lifetime of one sampling run ------------------------------------------------------------
     def sampler_sample(self, executor, *args, **kwargs):
-        guider, sigmas, extra_args, _callback, noise = args[:5]
+        guider, sigmas, extra_args, callback, noise = args[:5]
         latent_image = args[5] if len(args) > 5 else kwargs.get("latent_image")
         base_model = guider.inner_model
-        run = RunState(tracker=StepTracker(sigmas, probe_steps(executor.class_obj, guider, sigmas, extra_args,
-                                                                   noise, latent_image)))
+        run = RunState(tracker=StepTracker.probed_from(sigmas, probe_events(executor.class_obj, guider, sigmas,
+                                                                            extra_args, noise, latent_image)))
+        if run.tracker.after_step:  # its steps are the real run's callbacks (dpm_adaptive): count them as they come
+            args = args[:3] + (_counting_callback(run.tracker, callback),) + args[4:]
         strategy = self.strategy_for_run(guider, base_model, noise.device, tuple(noise.shape))
         if strategy == "merged":
             run.swapper = MergedSwapper(base_model, self.options, cached_sets=self.cached_sets,

@@ -11,7 +11,12 @@ We learn that sequence by a *probe*: before the real run, the sampler runs once 
 with a stand-in model that returns zeros (cheap: no network), while we record its calls and
 callbacks. Global RNG state is saved and restored around the probe, so the real run draws the same
 noise. Call ``n`` of the real run then has step ``steps[n]``. Should the real run make more calls
-than the probe (adaptive samplers), the fallback is the sigma rule "last schedule entry ≥ σ".
+than the probe, the fallback is the sigma rule "last schedule entry ≥ σ".
+
+One sampler calls back *after* all evaluations of its step instead: dpm_adaptive ("call, call, call,
+callback(0), …"; its steps are adaptive, so the real run's count differs from the probe's). The probe shows
+it by more than one call before the first callback; then a call belongs to the step whose callback comes
+next, i.e. the number of callbacks the real run has made so far (``StepTracker.note_callback``).
 """
 from __future__ import annotations
 
@@ -52,12 +57,30 @@ def step_from_sigma(sample_sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
     return int(idx.max()) if idx.numel() else 0
 
 
+def callback_after_step(events: list[object]) -> bool:
+    """Whether the sampler calls back after the last evaluation of a step rather than after its first: more than
+    one model call before the first callback (dpm_adaptive). Every other ComfyUI sampler makes exactly one."""
+    calls = 0
+    for event in events:
+        if event != "call":
+            return calls > 1
+        calls += 1
+    return False
+
+
 class _ProbeModel:
-    """Stands in for the guider during the probe: records calls, predicts x0 = 0."""
+    """Stands in for the guider during the probe: records calls, predicts x0 = 0. Anything else a sampler reads
+    from the guider (``model_patcher`` for the SDE samplers' noise and sa_solver's schedule, …) is the guider's: a
+    probe that failed on it put those samplers on the sigma rule, which gives heun-shaped samplers' second
+    evaluation (at σ_{i+1}) the next step."""
 
     def __init__(self, guider, events: list):
+        self._guider = guider
         self.inner_model = guider.inner_model  # KSAMPLER reads model_sampling through it
         self.events = events
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_guider"], name)
 
     def __call__(self, x, sigma, model_options=None, seed=None, **kwargs):
         self.events.append("call")
@@ -77,8 +100,9 @@ def _restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def probe_steps(sampler, guider, sigmas, extra_args, noise, latent_image) -> list[int]:
-    """Run ``sampler`` once with a zero model and return the step of each model call ([] on failure)."""
+def probe_events(sampler, guider, sigmas, extra_args, noise, latent_image) -> list[object] | None:
+    """Run ``sampler`` once with a zero model: its model calls ("call") and callback indices, in order (None on
+    failure)."""
     events: list = []
 
     def callback(i, *_):
@@ -90,11 +114,12 @@ def probe_steps(sampler, guider, sigmas, extra_args, noise, latent_image) -> lis
         sampler.sample(_ProbeModel(guider, events), sigmas, probe_args, callback, noise.clone(),
                        latent_image.clone() if latent_image is not None else None, None, True)
     except Exception as e:  # a sampler we cannot probe: fall back to the sigma rule
-        log.debug("[LoRA Composer] step probe failed (%s); using the sigma rule", e)
-        return []
+        log.warning("[LoRA Composer] could not probe %s's steps (%s: %s); a model call's step is then the last "
+                    "schedule entry at or above its sigma", type(sampler).__name__, type(e).__name__, e)
+        return None
     finally:
         _restore_rng(rng)
-    return steps_from_events(events)
+    return events
 
 
 @dataclass
@@ -104,10 +129,23 @@ class StepTracker:
     sample_sigmas: torch.Tensor
     probed: list[int] = field(default_factory=list)
     calls: int = 0
+    after_step: bool = False  # the sampler calls back after a step's last evaluation (``callback_after_step``)
+    callbacks: int = 0  # callbacks of the real run so far
+
+    @classmethod
+    def probed_from(cls, sample_sigmas: torch.Tensor, events: list[object] | None) -> "StepTracker":
+        events = events or []
+        return cls(sample_sigmas, steps_from_events(events), after_step=callback_after_step(events))
+
+    def note_callback(self, step: int) -> None:
+        """The real run called back for ``step`` (the sampler's own index)."""
+        self.callbacks = int(step) + 1
 
     def step_for_call(self, sigma: torch.Tensor) -> int:
         n = self.calls
         self.calls += 1
+        if self.after_step:
+            return self.callbacks
         if n < len(self.probed):
             return self.probed[n]
         return step_from_sigma(self.sample_sigmas, sigma)

@@ -741,6 +741,9 @@ def test_gamma_schedules(env):
     assert [round(guidance.gamma_at(i, 5, 0.0, 1.0, "linear"), 6) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1.0]
     cos = [guidance.gamma_at(i, 5, 1.0, 0.0, "cosine") for i in range(5)]
     assert cos[0] == 1.0 and abs(cos[2] - 0.5) < 1e-12 and abs(cos[4]) < 1e-12
+    # an adaptive sampler (dpm_adaptive) can take more steps than the schedule has: γ stays at gamma_end (it went on
+    # to 1.67 — and the cosine back down)
+    assert guidance.gamma_at(7, 5, 0.0, 1.0, "linear") == 1.0 and guidance.gamma_at(7, 5, 0.0, 1.0, "cosine") == 1.0
 
 
 def test_autolora_schedule_is_used_per_step(env, setup):

@@ -252,16 +252,26 @@ ONE_CALL_PER_STEP = ["dpmpp_2m", "uni_pc", "uni_pc_bh2", "deis", "ipndm", "ipndm
 STEPS = 6
 
 
+# Heun-shaped samplers that read the guider's model_patcher (SDE noise, SA-Solver's schedule): the step probe failed
+# on them, and the sigma rule put the second evaluation (at σ_{i+1}) on the next step.
+PATCHER_READING = {"exp_heun_2_x0": 2, "exp_heun_2_x0_sde": 2, "seeds_2": 2, "dpmpp_sde": 2, "seeds_3": 3}
+
+
 def calls_per_step(sampler_name: str) -> list[int]:
     """How many model calls each of the 6 steps makes, read off the sampler's code: one for most; heunpp2 (Heun++,
     which also reads σ_0 and σ_{i+2}, so no one-step restart can reproduce it) makes 3, then 2 for the step before
-    the last, then 1."""
+    the last, then 1; the PATCHER_READING ones n per step and 1 at the last (σ → 0); sa_solver_pece 1, then 2 (its
+    corrector's evaluation at σ_{i+1} after the step's own)."""
     if sampler_name == "heunpp2":
         return [3] * (STEPS - 2) + [2, 1]
+    if sampler_name in PATCHER_READING:
+        return [PATCHER_READING[sampler_name]] * (STEPS - 1) + [1]
+    if sampler_name == "sa_solver_pece":
+        return [1] + [2] * (STEPS - 1)
     return [1] * STEPS
 
 
-@pytest.mark.parametrize("sampler_name", ONE_CALL_PER_STEP + ["heunpp2"])
+@pytest.mark.parametrize("sampler_name", ONE_CALL_PER_STEP + ["heunpp2", *PATCHER_READING, "sa_solver_pece"])
 def test_multistep_samplers_switch_at_their_steps(env, setup, sampler_name):
     """Samplers that keep a history between steps or read the whole schedule (the step-by-step reference cannot
     restart them): an independent reference is a guider whose model calls run the UNet with LoRA schedule(step)
@@ -308,4 +318,51 @@ def test_multistep_samplers_switch_at_their_steps(env, setup, sampler_name):
     ref.set_cfg(4.0)
     want = ref.sample(noise, latent, comfy.samplers.sampler_object(sampler_name), sig, disable_pbar=True, seed=3)
     assert PerCall.calls == len(active), f"{sampler_name} made {PerCall.calls} model calls, not {len(active)}"
+    assert close(got, want), (got - want).abs().max().item()
+
+
+def test_dpm_adaptive_steps_are_its_callbacks(env, setup):
+    """dpm_adaptive calls back after all evaluations of an accepted step (the others after the first), and how many
+    steps it takes depends on the model: a call's step is the index of the callback that follows it. The probe's
+    zero model took fewer steps, so calls were one or two steps early and the sigma rule then sent the index back
+    from 5 to 2. Reference: a guider that counts the real run's callbacks itself."""
+    import comfy.lora
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+
+    model, names, pos, neg = setup
+    schedules = env.engine("nodes.runtime.schedules")
+    patching = env.engine("nodes.patching")
+    baked = []
+    for name in names:
+        copy = build_unet("sd15", seed=51)
+        for e, p in patching.resolve_set(copy, None, lora_set([name], [STRENGTHS[names.index(name)]])):
+            for key, plist in patching.model_patch_lists(e, p).items():
+                w = comfy.utils.get_attr(copy.model, key)
+                comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
+        copy.model.current_patcher = copy
+        baked.append(copy.model)
+    callbacks = []
+
+    class NextCallback(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            m = baked[schedules.switch_index(len(callbacks), 3, 1, "paper")]
+            return comfy.samplers.sampling_function(m, x, timestep, self.conds.get("negative"),
+                                                    self.conds.get("positive"), self.cfg, model_options=model_options,
+                                                    seed=seed)
+
+    sig = sigmas_for(model, 4)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+    sw, _, runtime, _ = env.engine("nodes.composition").switch_lora_set(model, None, lora_set(names, STRENGTHS), 1,
+                                                                        "paper")
+    got = run_custom(sw, "dpm_adaptive", sig, pos, neg, noise, latent)
+    steps = runtime.history[-1]
+    assert steps == sorted(steps) and steps[-1] >= 4, f"monotonic, past the 4-step schedule: {steps}"
+    ref = NextCallback(model)
+    ref.set_conds(pos, neg)
+    ref.set_cfg(4.0)
+    want = ref.sample(noise, latent, comfy.samplers.sampler_object("dpm_adaptive"), sig, disable_pbar=True, seed=3,
+                      callback=lambda i, *_: callbacks.append(i))
     assert close(got, want), (got - want).abs().max().item()
