@@ -332,10 +332,10 @@ class AdapterRuntime:
                 _SWAPPING.pop(id(base_model), None)
             if run.hooks is not None:
                 run.hooks.remove()
-            for log, value in ((self.strategies, strategy), (self.history, run.steps_seen),
-                               (self.forwards, run.forwards)):
-                log.append(value)
-                del log[:-RUNS_KEPT]  # ComfyUI may cache this node's output for a whole session: stay bounded
+            for record, value in ((self.strategies, strategy), (self.history, run.steps_seen),
+                                  (self.forwards, run.forwards)):
+                record.append(value)
+                del record[:-RUNS_KEPT]  # ComfyUI may cache this node's output for a whole session: stay bounded
             self.run = None
 
     def activate(self, option) -> None:
