@@ -82,6 +82,11 @@ def module_rank(parts: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
+# sd-scripts / musubi-tuner names for DiT checkpoints' own layouts: Flux double / single blocks, SD3 joint blocks, the
+# video DiTs' (Wan, HunyuanVideo) blocks.N
+_KOHYA_DIT = re.compile(r"lora_unet_(double_blocks|single_blocks|joint_blocks|blocks)_\d+_")
+
+
 def detect_key_style(keys: list[str]) -> str:
     """Name the key convention a file uses (kohya, diffusers, PEFT, B-LoRA author files, ComfyUI generic…)."""
     if any(k.startswith("unet.unet.") for k in keys):
@@ -95,8 +100,7 @@ def detect_key_style(keys: list[str]) -> str:
             return "kohya (sgm/ldm module names)"
         # sd-scripts names DiT modules by the checkpoint's own layout (Flux double/single blocks, SD3 joint blocks);
         # ai-toolkit and others write diffusers transformer names under lora_transformer_
-        if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks", "lora_unet_joint_blocks"))
-               for k in keys):
+        if any(_KOHYA_DIT.match(k) for k in keys):
             return "kohya (DiT checkpoint module names)"
         if any(k.startswith("lora_transformer_") for k in keys):
             return "kohya (diffusers transformer names)"
@@ -175,8 +179,13 @@ def _guess_from_keys(tensors: dict[str, torch.Tensor]) -> str:
             return family
     if re.search(r"double_blocks|single_blocks|single_transformer_blocks", joined):
         return "Flux"
-    if "joint_blocks" in joined or "transformer.transformer_blocks" in joined and "context_block" in joined:
+    if "joint_blocks" in joined:
         return "SD3"
+    if re.search(r"transformer[._]transformer_blocks[._]\d+[._]attn[._]add_[qkv]_proj", joined):
+        # diffusers' joint-attention blocks, which Flux's double blocks and SD3's share: told apart by width
+        width = _first_matching_shape(tensors, r"transformer_blocks[._]\d+[._]attn[._](to_q|add_q_proj)$",
+                                      _DOWN_SUFFIXES)
+        return _JOINT_WIDTHS.get(width, "Flux or SD3 (diffusers joint-attention blocks; width does not tell)")
     if re.search(r"lora_te2_|text_encoder_2\.|conditioner", joined):
         return "SDXL"
     # attn2.to_k reads the text context: 768 (SD1.x), 1024 (SD2.x), 2048 (SDXL).
@@ -195,6 +204,9 @@ def _guess_from_keys(tensors: dict[str, torch.Tensor]) -> str:
 
 
 _CONTEXT_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+# hidden size: Flux.1 (Qwen-Image's joint attention is as wide; its files usually train img_mlp too, named above),
+# SD3 medium, SD3.5 large
+_JOINT_WIDTHS = {3072: "Flux (or Qwen-Image: as wide)", 1536: "SD3", 2432: "SD3"}
 # Where the UNets' attention sits (attention blocks' module names, sgm and diffusers forms). SDXL: transformer depth 2
 # and 10, attention in output_blocks 0-5 / up_blocks 0-1, none at the first level. SD1.x / SD2.x: depth 1, attention
 # in input_blocks 1-2 / down_blocks 0 and output_blocks 3-11, none in up_blocks 0. (input_blocks 7 and 8 hold attention

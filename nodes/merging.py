@@ -92,9 +92,15 @@ def _whole_weight_patch(entry: LoraEntry, owner, target, patch) -> tuple[str, ob
     if offset is None and function is None:
         return key, patch
     weights = plain_lora_weights(patch)
+    if function is comfy.utils.swap_scale_shift and offset is None and weights is not None:
+        # diffusers' norm_out / last norm1_context: core swaps ΔW's two row halves (shift, scale → scale, shift);
+        # ΔW = up @ down, so swapping up's halves is the same ΔW, exactly
+        return key, type(patch)(patch.loaded_keys, (function(weights[0]), *weights[1:]))
     if function is not None or weights is None or offset[0] != 0:
-        raise ValueError(f"{entry.name}: merging this kind of fused-layer patch ({type(patch).__name__} on a slice "
-                         f"of {key}) is not supported; apply this LoRA with 'Apply LoRA set' instead.")
+        what = (f"with core's {getattr(function, '__name__', 'function')} on" if function is not None
+                else "on a slice of")
+        raise ValueError(f"{entry.name}: merging a {_patch_kind(patch)} patch {what} {key} is not supported; apply "
+                         "this LoRA with 'Apply LoRA set' instead.")
     _dim, start, size = offset
     up = weights[0]
     rows = original_weight(owner, key).shape[0]

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.tiny_models import FLUX_TINY, SD3_TINY, build_flux, build_sd3, build_wan, weights_snapshot
+from harness.tiny_models import (FLUX_TINY, SD3_TINY, build_flux, build_sd3, build_wan, patched_weights,
+                                 weights_snapshot)
 
 REL = 1e-5
 H = FLUX_TINY["hidden_size"]
@@ -212,6 +213,29 @@ def test_sd3_slice_loras_merge_into_whole_fused_weights(env, sd3):
     got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg)
     want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg)
     assert close(got, want), (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("method", ["linear", "concat"])
+def test_sd3_swapped_modulation_loras_merge(env, sd3, method):
+    """diffusers' norm_out.linear and the last block's norm1_context.linear map to whole weights with core's
+    swap_scale_shift on ΔW (its shift and scale halves swapped): merging refused them as "a slice". Swapping the up
+    factor's halves is the same ΔW; merged = the set applied (1e-5)."""
+    model, pos, neg = sd3
+    g = torch.Generator().manual_seed(44)
+    modules = {"transformer.norm_out.linear": (2 * S3, S3), "transformer.transformer_blocks.1.norm1_context.linear":
+               (2 * S3, S3), "transformer.transformer_blocks.0.attn.to_q": (S3, S3)}
+    for i in range(2):
+        save_file({f"{m}.{ab}.weight": torch.randn(*((2, shape[1]) if ab == "lora_A" else (shape[0], 2)),
+                                                   generator=g) * 0.3
+                   for m, shape in modules.items() for ab in ("lora_A", "lora_B")},
+                  str(env.models_dir / "loras" / f"sd3_swap_{i}.safetensors"))
+    s = lora_set(["sd3_swap_0.safetensors", "sd3_swap_1.safetensors"])
+    merged = call_node("LoraSetMerge", model=model, lora_set=s, method=method, rank=64, density=0.5, seed=0)[0]
+    got = patched_weights(call_node("LoraSetApply", model=model, lora_set=merged)[0])
+    want = patched_weights(call_node("LoraSetApply", model=model, lora_set=s)[0])
+    changed = [k for k in want if not torch.equal(want[k], model.model.state_dict()[k])]
+    assert any("adaLN_modulation" in k for k in changed)
+    assert all(close(got[k], want[k]) for k in changed)
 
 
 WAN_NORM_Q = "diffusion_model.blocks.0.self_attn.norm_q"

@@ -53,6 +53,7 @@ def test_info_names_the_files_own_key_style(env, model, style, shown):
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "kohya (diffusers module names)"),
     ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "kohya (DiT checkpoint module names)"),
     ("lora_unet_single_blocks_3_linear1.lora_down.weight", "kohya (DiT checkpoint module names)"),
+    ("lora_unet_blocks_0_self_attn_q.lora_down.weight", "kohya (DiT checkpoint module names)"),  # musubi-tuner Wan
     ("lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight", "kohya (DiT checkpoint module names)"),
     ("lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight", "kohya (diffusers transformer names)"),
     ("lycoris_down_blocks_0_attentions_0_proj_in.lora_down.weight", "LyCORIS / SimpleTuner (lycoris_*)"),
@@ -112,6 +113,23 @@ def test_base_model_guess_reads_the_text_width_first(env, width, base):
 
     key = "lora_unet_input_blocks_7_1_transformer_blocks_0_attn2_to_k"
     tensors = {f"{key}.lora_down.weight": torch.zeros(2, width), f"{key}.lora_up.weight": torch.zeros(640, 2)}
+    assert env.engine("nodes.lora_format").guess_base_model(tensors, {}) == base
+
+
+@pytest.mark.parametrize("prefix, width, base", [
+    ("transformer.transformer_blocks.0.attn", 1536, "SD3"), ("transformer.transformer_blocks.0.attn", 2432, "SD3"),
+    ("transformer.transformer_blocks.0.attn", 3072, "Flux (or Qwen-Image: as wide)"),
+    ("lora_transformer_transformer_blocks_0_attn", 1536, "SD3"),
+    ("transformer.transformer_blocks.0.attn", 128, "Flux or SD3 (diffusers joint-attention blocks; width does not tell)"),
+])
+def test_diffusers_joint_attention_files_are_named_by_width(env, prefix, width, base):
+    """diffusers SD3 files and Flux files without single blocks share the joint-attention names (add_q_proj …): they
+    were "unknown" (a check needed a 'context_block' no diffusers name has)."""
+    import torch
+
+    sep = "." if prefix.startswith("transformer.") else "_"
+    tensors = {f"{prefix}{sep}{m}.lora_A.weight": torch.zeros(2, width) for m in ("to_q", "add_q_proj")}
+    tensors.update({f"{prefix}{sep}{m}.lora_B.weight": torch.zeros(width, 2) for m in ("to_q", "add_q_proj")})
     assert env.engine("nodes.lora_format").guess_base_model(tensors, {}) == base
 
 
