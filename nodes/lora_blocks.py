@@ -77,6 +77,16 @@ def parse_block_weights(text: str, base: BlockFilter) -> BlockFilter:
     return BlockFilter(rules=tuple(rules.items()), default=default, label=label)
 
 
+def _example_sub_block(paths: list[str]) -> str:
+    """A sub-module path of this model to show in a message (a UNet's 'output_blocks.0.1', a DiT's
+    'double_blocks.0.img_attn'), from its own keys."""
+    for path in paths:
+        parts = path.split(".")
+        if len(parts) >= 4 and parts[1].isdigit():
+            return ".".join(parts[:3])
+    return "output_blocks.0.1"
+
+
 def model_blocks(model_keys) -> list[str]:
     """Top-level block names of a diffusion model: ``input_blocks.0``, ``middle_block``, ``out`` …"""
     names: set[str] = set()
@@ -96,5 +106,6 @@ def check_blocks_exist(block_filter: BlockFilter, model_keys, entry_name: str) -
     if missing:
         raise ValueError(
             f"LoraSetBlocks ({entry_name}): block(s) {', '.join(missing)} do not exist in the connected model. "
-            f"Its blocks are: {', '.join(model_blocks(model_keys))} (sub-blocks such as 'output_blocks.0.1' work too)."
+            f"Its blocks are: {', '.join(model_blocks(model_keys))} (a block's sub-modules, such as "
+            f"'{_example_sub_block(paths)}', work too)."
         )

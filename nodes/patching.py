@@ -42,8 +42,14 @@ class EntryPatches:
     skipped: list[str] = field(default_factory=list)  # model / CLIP keys left out: their shape differs (a variant)
 
     def describe(self) -> str:
-        line = (f"{self.name}: {len(self.model)} model + {len(self.clip)} CLIP weights patched from "
-                f"{self.total_modules} modules; {len(self.unmatched)} unmatched")
+        # weights, not patches: diffusers Flux / SD3 files patch slices of one fused weight (to_q / to_k / to_v → qkv)
+        targets = (*self.model, *self.clip)
+        slices = sum(1 for t in targets if target_parts(t)[1] is not None)
+        weights = {part: len({target_parts(t)[0] for t in group}) for part, group in (("model", self.model),
+                                                                                         ("clip", self.clip))}
+        line = (f"{self.name}: {weights['model']} model + {weights['clip']} CLIP weights patched"
+                + (f" ({slices} of the patches on slices of fused weights)" if slices else "")
+                + f" from {self.total_modules} modules; {len(self.unmatched)} unmatched")
         if self.text_encoder_ignored:
             line += f"; {self.text_encoder_ignored} text-encoder modules ignored (no CLIP connected)"
         if self.skipped:

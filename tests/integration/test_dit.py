@@ -106,6 +106,10 @@ def test_flux_lora_applies_like_core(env, flux, style):
     got, want, base = sample(ours, pos, neg), sample(core, pos, neg), sample(model, pos, neg)
     assert torch.equal(got, want)
     assert not close(got, base, 1e-3), "the LoRA must change the output"
+    # the report counts weights, not patches (it said one weight per q / k / v slice of a fused qkv)
+    report = call_node("LoraSetApply", model=model, lora_set=lora_set([f"flux_{style}_0.safetensors"]))[2]
+    assert f"{len(ours.patches)} model + 0 CLIP weights patched" in report
+    assert ("on slices of fused weights" in report) == (style == "diffusers")
 
 
 @pytest.mark.parametrize("style", ["kohya", "diffusers"])
@@ -311,3 +315,12 @@ def test_video_dit_lora_applies_and_merges_like_core(env, wan):
     got = sample(call_node("LoraSetApply", model=model, lora_set=merged)[0], pos, neg, latent=latent)
     want = sample(call_node("LoraSetApply", model=model, lora_set=s)[0], pos, neg, latent=latent)
     assert close(got, want), (got - want).abs().max().item()
+
+
+def test_missing_block_message_shows_this_models_blocks(env, flux):
+    """The hint named a UNet sub-block ('output_blocks.0.1') on every model; it is one of the model's own now."""
+    model, _, _ = flux
+    (s,) = call_node("LoraSetBlocks", lora_set=lora_set(["flux_kohya_0.safetensors"]), preset="all",
+                     block_weights="double_blocks.9=1", apply_to="last entry")
+    with pytest.raises(ValueError, match=r"double_blocks\.9 do not exist.*such as 'double_blocks\.0\.\w+', work too"):
+        call_node("LoraSetApply", model=model, lora_set=s)
