@@ -186,6 +186,22 @@ def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
     return True
 
 
+def core_computable(patch):
+    """``patch`` in a form core's ``calculate_weight`` computes. A LyCORIS LoKr whose second factor is in Tucker form
+    (``lokr_t2`` on a conv) fails there — ``torch.kron`` refuses the non-contiguous einsum result ("view size is not
+    compatible…", logged, the layer left unpatched) in both supported versions — so that factor is built here as
+    core would, ``einsum('i j k l, j r, i p -> p r k l', t2, w2_b, w2_a)`` made contiguous, with core's scale alpha /
+    rank(w2_b) folded in (alpha then None: core's 1.0). Every other patch is returned as it is."""
+    weights = getattr(patch, "weights", ())
+    if getattr(patch, "name", None) != "lokr" or len(weights) < 8 or weights[7] is None or weights[1] is not None:
+        return patch
+    w1, _w2, alpha, w1_a, w1_b, w2_a, w2_b, t2 = weights[:8]
+    w2 = torch.einsum("i j k l, j r, i p -> p r k l", t2.float(), w2_b.float(), w2_a.float())
+    scale = 1.0 if alpha is None else float(alpha) / w2_b.shape[0]
+    return type(patch)(patch.loaded_keys, (w1, (w2 * scale).contiguous(), None, w1_a, w1_b, None, None, None,
+                                           *weights[8:]))
+
+
 def broken_module(patch, weight_shape: torch.Size) -> str | None:
     """What makes a low-rank module unusable on its own terms (None if nothing): factors whose ranks disagree, rank
     0, a DoRA scale of neither the weight's output nor input size. Core's loader logs an error for such a layer and
@@ -262,6 +278,7 @@ def resolve_entry(entry: LoraEntry, key_map: dict, model_sd: dict, clip_sd: dict
     result.total_modules = len(groups)
     mismatched: list[str] = []
     for target, patch in patches.items():
+        patch = core_computable(patch)
         key = _target_name(target)
         shape = model_sd.get(key) if key in model_sd else (clip_sd or {}).get(key)
         shape = None if shape is None else _patched_shape(target, shape)  # a fused weight's slice: the slice's

@@ -173,12 +173,26 @@ def _factor(n: int) -> tuple[int, int]:
 
 
 def make_lokr(model_sd: dict, targets: list[str], rank: int = 2, alpha: float = 1.0, seed: int = 0) -> TinyLora:
-    """W1 full [out_l, in_m], W2 low-rank [out_k, r]@[r, in_n] ⇒ ΔW = kron(W1, W2)·alpha/r (linear layers)."""
+    """W1 full [out_l, in_m], W2 low-rank [out_k, r]@[r, in_n] ⇒ ΔW = kron(W1, W2)·alpha/r (linear layers); conv
+    targets get LyCORIS' Tucker form of W2: ``lokr_t2`` [r, r, kh, kw], ``lokr_w2_a`` [r, out_k], ``lokr_w2_b``
+    [r, in_n], W2 = einsum('ij kl, ip, jr -> pr kl', t2, w2_a, w2_b) (``rebuild_tucker``), ΔW = kron(W1[.., 1, 1],
+    W2)·alpha/r."""
     g = torch.Generator().manual_seed(seed)
     lora = TinyLora(tensors={})
     for key in targets:
         w = model_sd[key]
-        assert w.ndim == 2, "make_lokr writes linear layers"
+        if w.ndim == 4:
+            out_l, out_k = _factor(w.shape[0])
+            in_m, in_n = _factor(w.shape[1])
+            name = "lora_unet_" + sgm_path(key).replace(".", "_")
+            w1, t2 = _rand(g, out_l, in_m), _rand(g, rank, rank, *w.shape[2:])
+            w2a, w2b = _rand(g, rank, out_k), _rand(g, rank, in_n)
+            lora.tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_t2": t2, f"{name}.lokr_w2_a": w2a,
+                                 f"{name}.lokr_w2_b": w2b, f"{name}.alpha": torch.tensor(alpha)})
+            w2 = torch.einsum("ijkl,ip,jr->prkl", t2, w2a, w2b).contiguous()  # (torch.kron: views only)
+            lora.expected[key] = torch.kron(w1[:, :, None, None], w2) * (alpha / rank)
+            continue
+        assert w.ndim == 2, "make_lokr writes linear and conv layers"
         out_l, out_k = _factor(w.shape[0])
         in_m, in_n = _factor(w.shape[1])
         name = "lora_unet_" + sgm_path(key).replace(".", "_")

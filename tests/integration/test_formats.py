@@ -54,7 +54,8 @@ def test_key_style_loads_every_key(env, sd15, style):
     assert all(torch.equal(v, sd15.model.state_dict()[k]) for k, v in base.items()), "base model changed"
 
 
-@pytest.mark.parametrize("fmt", ["locon_3x3", "locon_tucker", "loha", "loha_tucker", "lokr", "full_diff"])
+@pytest.mark.parametrize("fmt", ["locon_3x3", "locon_tucker", "loha", "loha_tucker", "lokr", "lokr_tucker",
+                                 "full_diff"])
 def test_format_matches_formula(env, sd15, fmt):
     sd = sd15.model.state_dict()
     if fmt.startswith("locon"):
@@ -66,6 +67,8 @@ def test_format_matches_formula(env, sd15, fmt):
         lora = lf.make_loha(sd, lf.pick_targets(sd, kinds=("conv3",)), tucker=True, seed=5)
     elif fmt == "lokr":
         lora = lf.make_lokr(sd, [k for k in lf.pick_targets(sd, kinds=("attn",)) if sd[k].ndim == 2], seed=6)
+    elif fmt == "lokr_tucker":  # core's own LoKr code fails on these (kron of a non-contiguous einsum): we build W2
+        lora = lf.make_lokr(sd, [k for k in lf.pick_targets(sd, kinds=("conv3",)) if sd[k].ndim == 4], seed=6)
     else:
         lora = lf.make_full_diff(sd, lf.pick_targets(sd), seed=7)
     path = env.models_dir / "loras" / f"fmt_{fmt}.safetensors"
@@ -232,6 +235,20 @@ def test_deliberate_difference_core_loads_nothing_of_these_styles(env, sd15, sty
     assert attention and not attention & set(core.patches), f"core now maps {style}; drop our special case"
     if style in ("blora", "peft_raw"):  # the prefix itself is unknown to core: nothing at all maps
         assert not core.patches
+
+
+def test_deliberate_difference_core_cannot_compute_a_tucker_lokr(env, sd15):
+    """LyCORIS LoKr with lokr_t2 (Tucker W2, on convs): core's LoKr code passes the einsum's non-contiguous result to
+    torch.kron, which fails ("view size is not compatible…"); core logs it and leaves the layer unpatched. We build
+    W2 contiguous with core's own einsum and scale (``patching.core_computable``) and match the formula
+    (test_format_matches_formula[lokr_tucker]). If core starts computing it, this test says to drop our rewrite."""
+    import comfy.sd
+
+    sd = sd15.model.state_dict()
+    lora = lf.make_lokr(sd, [k for k in lf.pick_targets(sd, kinds=("conv3",)) if sd[k].ndim == 4][:1], seed=16)
+    core, _ = comfy.sd.load_lora_for_models(sd15, None, lora.tensors, 1.0, 0)
+    (key,) = lora.expected
+    assert torch.equal(patched_weights(core)[key], sd[key]), "core now computes Tucker LoKr: drop core_computable"
 
 
 @pytest.mark.parametrize("style", sorted(set(lf.KEY_STYLES) - set(CORE_MISSES)))
