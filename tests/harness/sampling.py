@@ -39,6 +39,26 @@ def reference(model, names, strengths, active, sampler_name, sigmas, pos, neg, l
     return x
 
 
+def baked_model(engine, copy, lora_set):
+    """``copy`` (a fresh ModelPatcher built like the model under test) with ``lora_set``'s model patches baked into
+    its weights by core math (every entry's patch lists per key, in set order, through ``calculate_weight``); its
+    BaseModel, ready for ``sampling_function``. ``lora_set`` None: the copy as built. ``engine``: ``env.engine``."""
+    import comfy.lora
+    import comfy.utils
+
+    if lora_set is not None:
+        patching = engine("nodes.patching")
+        lists: dict = {}
+        for e, p in patching.resolve_set(copy, None, lora_set):
+            for k, v in patching.model_patch_lists(e, p).items():
+                lists.setdefault(k, []).extend(v)
+        for key, plist in lists.items():
+            w = comfy.utils.get_attr(copy.model, key)
+            comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
+    copy.model.current_patcher = copy  # what ModelPatcher sets when it loads a model; calc_cond_batch reads it
+    return copy.model
+
+
 def cat_conds(seed: int = 52):
     """(positive, negative) conditioning from the tiny SD1.5 CLIP: "a cat" and the empty prompt."""
     from .tiny_models import build_sd15_clip

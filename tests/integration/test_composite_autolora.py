@@ -15,6 +15,7 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
+from harness.sampling import baked_model
 from harness.tiny_models import (SDXL_SAMPLING_OVERRIDES, build_sd15_clip, build_sd15_controlnet, build_sdxl_clip,
                                  build_unet, weights_snapshot)
 
@@ -39,21 +40,7 @@ def setup(env):
 
 def baked(env, lora_set_or_none):
     """An independent copy of the tiny UNet with the set's patches baked in by core math."""
-    import comfy.lora
-    import comfy.utils
-
-    copy = build_unet("sd15", seed=SEED_MODEL)
-    if lora_set_or_none is not None:
-        patching = env.engine("nodes.patching")
-        lists: dict = {}
-        for e, p in patching.resolve_set(copy, None, lora_set_or_none):
-            for k, v in patching.model_patch_lists(e, p).items():
-                lists.setdefault(k, []).extend(v)
-        for key, plist in lists.items():
-            w = comfy.utils.get_attr(copy.model, key)
-            comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
-    copy.model.current_patcher = copy  # what ModelPatcher sets when it loads a model; calc_cond_batch reads it
-    return copy.model
+    return baked_model(env.engine, build_unet("sd15", seed=SEED_MODEL), lora_set_or_none)
 
 
 def reference_guider(model, models_and_weights, cfgs, pos, neg, cfg):

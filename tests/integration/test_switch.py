@@ -10,7 +10,7 @@ import torch
 
 from harness import lora_factory as lf
 from harness.node_calls import call_node, load_set as lora_set
-from harness.sampling import reference, run_custom, sigmas_for
+from harness.sampling import baked_model, reference, run_custom, sigmas_for
 from harness.tiny_models import build_sd15_clip, build_unet, weights_snapshot
 
 REL = 1e-5
@@ -271,31 +271,27 @@ def calls_per_step(sampler_name: str) -> list[int]:
     return [1] * STEPS
 
 
+def baked_per_lora(env, names) -> list:
+    """Per LoRA of the fixture's set (at its strength), an independent copy of the UNet with it baked in by core
+    math: the references' models."""
+    return [baked_model(env.engine, build_unet("sd15", seed=51), lora_set([name], [strength]))
+            for name, strength in zip(names, STRENGTHS)]
+
+
 @pytest.mark.parametrize("sampler_name", ONE_CALL_PER_STEP + ["heunpp2", *PATCHER_READING, "sa_solver_pece"])
 def test_multistep_samplers_switch_at_their_steps(env, setup, sampler_name):
     """Samplers that keep a history between steps or read the whole schedule (the step-by-step reference cannot
     restart them): an independent reference is a guider whose model calls run the UNet with LoRA schedule(step)
     baked in by core math, the step of each call read off the sampler's code (``calls_per_step``), not from the
     runtime's probe. Same seed, same latents (1e-5)."""
-    import comfy.lora
     import comfy.sample
     import comfy.samplers
-    import comfy.utils
 
     if sampler_name not in comfy.samplers.SAMPLER_NAMES:
         pytest.skip(f"{sampler_name} is not in this ComfyUI")
     model, names, pos, neg = setup
     schedules = env.engine("nodes.runtime.schedules")
-    patching = env.engine("nodes.patching")
-    baked = []
-    for name in names:
-        copy = build_unet("sd15", seed=51)
-        for e, p in patching.resolve_set(copy, None, lora_set([name], [STRENGTHS[names.index(name)]])):
-            for key, plist in patching.model_patch_lists(e, p).items():
-                w = comfy.utils.get_attr(copy.model, key)
-                comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
-        copy.model.current_patcher = copy
-        baked.append(copy.model)
+    baked = baked_per_lora(env, names)
     active = [schedules.switch_index(step, 3, 2, "paper")
               for step, calls in enumerate(calls_per_step(sampler_name)) for _ in range(calls)]
 
@@ -326,23 +322,12 @@ def test_dpm_adaptive_steps_are_its_callbacks(env, setup):
     steps it takes depends on the model: a call's step is the index of the callback that follows it. The probe's
     zero model took fewer steps, so calls were one or two steps early and the sigma rule then sent the index back
     from 5 to 2. Reference: a guider that counts the real run's callbacks itself."""
-    import comfy.lora
     import comfy.sample
     import comfy.samplers
-    import comfy.utils
 
     model, names, pos, neg = setup
     schedules = env.engine("nodes.runtime.schedules")
-    patching = env.engine("nodes.patching")
-    baked = []
-    for name in names:
-        copy = build_unet("sd15", seed=51)
-        for e, p in patching.resolve_set(copy, None, lora_set([name], [STRENGTHS[names.index(name)]])):
-            for key, plist in patching.model_patch_lists(e, p).items():
-                w = comfy.utils.get_attr(copy.model, key)
-                comfy.utils.set_attr_param(copy.model, key, comfy.lora.calculate_weight(plist, w.float().clone(), key))
-        copy.model.current_patcher = copy
-        baked.append(copy.model)
+    baked = baked_per_lora(env, names)
     callbacks = []
 
     class NextCallback(comfy.samplers.CFGGuider):
