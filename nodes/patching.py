@@ -170,14 +170,10 @@ def _delta_shape_fits(patch, weight_shape: torch.Size) -> bool:
                 return w1a.shape[1] == weight_shape[0]
             return w1a.shape[0] == weight_shape[0] and w1a.shape[0] * w1b.shape[1] == weight_shape.numel()
         if name == "lokr":  # kron(w1, w2) is reshaped to the weight: its size must be the weight's
-            w1, w2, _alpha, w1a, w1b, w2a, w2b, t2 = patch.weights[:8]
+            # (a Tucker w2 was built whole by core_computable before this check)
+            w1, w2, _alpha, w1a, w1b, w2a, w2b = patch.weights[:7]
             size1 = w1.numel() if w1 is not None else w1a.shape[0] * w1b.shape[1]
-            if w2 is not None:
-                size2 = w2.numel()
-            elif t2 is not None:  # core: einsum('i j k l, j r, i p -> p r k l', t2, w2_b, w2_a)
-                size2 = w2a.shape[1] * w2b.shape[1] * t2[0, 0].numel()
-            else:
-                size2 = w2a.shape[0] * w2b[0].numel()
+            size2 = w2.numel() if w2 is not None else w2a.shape[0] * w2b[0].numel()
             return size1 * size2 == weight_shape.numel()
     except (AttributeError, IndexError, TypeError):
         return True
