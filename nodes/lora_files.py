@@ -72,11 +72,16 @@ def _is_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating tensors that hold NaN or Inf, sorted."""
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not _is_finite(t))
+
+
 def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
     """Raise if any floating tensor holds NaN or Inf (a broken training run, usually)."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _is_finite(t)]
+    bad = non_finite_keys(tensors)
     if bad:
-        shown = ", ".join(sorted(bad)[:5]) + (" …" if len(bad) > 5 else "")
+        shown = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "")
         raise LoraFileError(f"{name}: {len(bad)} tensor(s) contain NaN or Inf values ({shown}); the file is unusable.")
 
 

@@ -8,6 +8,7 @@ import re
 import torch
 from safetensors.torch import save_file
 
+from .lora_files import non_finite_keys
 from .lora_set import LoraSet, require_nonempty
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -50,7 +51,7 @@ def save_lora_set(lora_set: LoraSet, folder: str, filename_prefix: str, dtype: s
     # alpha stays fp32: it is a scalar whose exact value sets the scale alpha/rank.
     tensors = {k: (t.to(target_dtype) if t.is_floating_point() and not k.endswith(".alpha") else t).contiguous()
                for k, t in entry.tensors().items()}
-    overflowed = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+    overflowed = non_finite_keys(tensors)
     if overflowed:  # written anyway, LoraSetLoad would refuse the file: say it here, write nothing
         shown = ", ".join(overflowed[:3]) + (" …" if len(overflowed) > 3 else "")
         raise ValueError(f"{entry.name}: {len(overflowed)} tensor(s) exceed the range of {dtype} ({shown}); nothing "
